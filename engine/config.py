@@ -1,0 +1,126 @@
+"""Typed engine configuration.
+
+Three groups, each a dataclass with documented fields validated in ``__post_init__``:
+``CacheConfig`` (the KV pool), ``SchedulerConfig`` (batching and chunked prefill) and
+``EvictionConfig`` (the server-wide default KV policy). ``EngineConfig`` holds them plus the
+model, device and dtype. ``EngineConfig.from_kwargs`` maps flat keywords (``chunk_size=128``)
+to the right group, which is how ``LLM(model, **kwargs)`` and the CLI build a config.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class CacheConfig:
+    """The KV pool: preallocated per layer, handed out in blocks of ``block_size`` tokens."""
+
+    block_size: int = 16
+    """Tokens per block. Every request's per-layer cache is a list of such blocks."""
+    num_tokens: int | None = None
+    """Pool capacity in tokens per layer. ``None``: size it from ``memory_fraction``."""
+    memory_fraction: float = 0.9
+    """When ``num_tokens`` is None: the fraction of the device's free memory (after the
+    weights are loaded) that the pool may take. On the CPU, of available RAM, at most 4 GiB."""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.num_tokens is not None and self.num_tokens < self.block_size:
+            raise ValueError(f"num_tokens must be at least one block ({self.block_size}), got {self.num_tokens}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching with chunked prefill (vLLM v1 style: one token budget per step)."""
+
+    max_num_seqs: int = 256
+    """Most requests running (holding KV) at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step: decode tokens plus prefill chunks."""
+    chunk_size: int = 512
+    """Most prompt tokens of one request processed in one step. With eviction this is the
+    Batch-Max chunk: each layer evicts down to its budget after every chunk."""
+    decode_reserve_tokens: int | None = None
+    """Decode tokens reserved per request at admission. ``None`` reserves all ``max_tokens``
+    (never preempts); a smaller number admits more optimistically, and a request that then
+    outgrows the pool preempts the newest running one (recomputed later)."""
+    max_model_len: int | None = None
+    """Context length (prompt + output). ``None``: the model's ``max_position_embeddings``."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.decode_reserve_tokens is not None and self.decode_reserve_tokens < 0:
+            raise ValueError("decode_reserve_tokens must be >= 0")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError("max_model_len must be positive")
+
+
+@dataclass
+class EvictionConfig:
+    """Server-wide default KV eviction; each request may override policy and budget."""
+
+    kv_policy: str = "full"
+    """Registry name of the default policy (``full`` never evicts)."""
+    kv_budget: int | None = None
+    """Default tokens kept per layer and KV head. Required when the policy evicts."""
+    evict_decode_every: int = 0
+    """Also evict during decode every k generated tokens (0: only during prefill). The
+    decode footprint is then ``budget + k`` instead of ``budget + max_tokens``."""
+
+    def __post_init__(self) -> None:
+        if self.kv_budget is not None and self.kv_budget <= 0:
+            raise ValueError(f"kv_budget must be positive, got {self.kv_budget}")
+        if self.evict_decode_every < 0:
+            raise ValueError("evict_decode_every must be >= 0")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    """A local Hugging Face model directory. ``None``: the default model (SmolLM2-135M-Instruct)."""
+    tokenizer: str | None = None
+    """Tokenizer directory when it differs from ``model``."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``."""
+    dtype: str = "auto"
+    """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
+    seed: int = 0
+    """Seeds the generators of requests that carry no seed of their own."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"unknown device {self.device!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build a config from flat keywords: top-level fields, or fields of any group."""
+        groups = {"cache": CacheConfig, "scheduler": SchedulerConfig, "eviction": EvictionConfig}
+        top = {f.name for f in dataclasses.fields(cls)} - set(groups)
+        found: dict[str, dict[str, Any]] = {g: {} for g in groups}
+        direct: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key in top or key in groups:
+                direct[key] = value
+                continue
+            owner = [g for g, c in groups.items() if key in {f.name for f in dataclasses.fields(c)}]
+            if not owner:
+                raise TypeError(f"unknown engine option {key!r}")
+            found[owner[0]][key] = value
+        for g, c in groups.items():
+            if g not in direct:
+                direct[g] = c(**found[g])
+            elif found[g]:
+                direct[g] = dataclasses.replace(direct[g], **found[g])
+        return cls(**direct)

@@ -1,0 +1,278 @@
+"""The synchronous engine: add requests, ``step()``, read outputs. One thread drives it
+(``LLM`` offline, ``AsyncEngine``'s loop thread online); nothing here knows about HTTP."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.default_model import DEFAULT_MODEL_NAME, resolve_model
+from engine.detokenizer import Detokenizer
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.request import FinishReason, Request, RequestStatus, TokenLogprob
+from engine.sampling import Sampler, SamplingParams
+from engine.scheduler import Scheduler
+from engine.stats import EngineStats
+
+log = logging.getLogger("batchmax")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, load_weights: bool = True) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        path = resolve_model(config.model)
+        self.model_path = path
+        self.model_name = DEFAULT_MODEL_NAME if config.model is None else Path(path).resolve().name
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
+        self.runner = ModelRunner(config, path, load_weights=load_weights)
+        spec = self.runner.spec
+        self.max_model_len = config.scheduler.max_model_len or spec.max_position_embeddings
+        sliding = getattr(self.runner.hf_config, "sliding_window", None)
+        if sliding and getattr(self.runner.hf_config, "use_sliding_window", True) is not False:
+            # batchmax attends to the whole (possibly evicted) cache; stay where that is exact
+            self.max_model_len = min(self.max_model_len, sliding)
+        sc = config.scheduler
+        useful = sc.max_num_seqs * self.max_model_len + sc.chunk_size
+        self.cache = self.runner.allocate_cache(self.runner.pool_tokens(useful))
+        self.scheduler = Scheduler(sc, self.cache, config.eviction.evict_decode_every)
+        self.sampler = Sampler()
+        self.eos_token_ids = self._eos_ids()
+        self.requests: dict[str, Request] = {}
+        self.detok: dict[str, Detokenizer] = {}
+        self._finished_unreported: list[Request] = []
+        self._seed_counter = itertools.count()
+        self._stats = EngineStats(kv_capacity_tokens=self.cache.capacity_tokens)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.runner.hf_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(src)
+        try:
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+            ids.update([gen] if isinstance(gen, int) else (gen or []))
+        except (OSError, ValueError):
+            pass
+        return ids
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, with a message fit for a client, if the request cannot run."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.runner.spec.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} completion tokens "
+                f"({len(prompt_ids) + params.max_tokens} in total)"
+            )
+        probe = Request("probe", list(prompt_ids), params)
+        self._resolve_policy(probe)
+        if not self.scheduler.fits_pool(probe):
+            need = self.scheduler.footprint_tokens(probe)
+            raise ValueError(f"the request needs {need} tokens of KV cache, more than the pool holds ({self.cache.capacity_tokens})")
+
+    def _resolve_policy(self, req: Request) -> None:
+        """Full cache only, until eviction policies are wired in."""
+        name = req.params.kv_policy or self.config.eviction.kv_policy
+        if name != "full":
+            raise ValueError(f"unknown kv_policy {name!r}")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        prompt_ids = self.tokenize(prompt)
+        self.check_request(prompt_ids, params)
+        req = Request(request_id, prompt_ids, params)
+        self._resolve_policy(req)
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._seed_counter))) & (2**63 - 1)
+            req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        self.requests[request_id] = req
+        self.detok[request_id] = Detokenizer(self.tokenizer, prompt_ids, params.stop)
+        self.scheduler.add(req)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return
+        self.scheduler.remove(req)  # frees its KV now
+        self._finish(req, FinishReason.ABORT)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._finished_unreported)
+
+    def _finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        req.finish(reason, stop_reason)
+        if req in self.scheduler.running or req in self.scheduler.waiting:
+            self.scheduler.remove(req)
+        self._finished_unreported.append(req)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        touched: list[Request] = []
+        if sched.requests:
+            touched = self._run(sched.requests, sched.num_new_tokens)
+        st = self._stats
+        st.num_steps_total += bool(sched.requests)
+        st.running_batch_size = len(sched.requests)
+        st.peak_running_batch_size = max(st.peak_running_batch_size, len(self.scheduler.running))
+        st.last_step_tokens = sched.num_tokens
+        reported = {r.request_id for r in touched}
+        outs = [self._output(r) for r in touched]
+        for r in self._finished_unreported:
+            if r.request_id not in reported:
+                outs.append(self._output(r))
+        for r in self._finished_unreported:
+            self.requests.pop(r.request_id, None)
+            self.detok.pop(r.request_id, None)
+        self._finished_unreported = []
+        return outs
+
+    def _run(self, reqs: list[Request], num_new: list[int]) -> list[Request]:
+        now = time.monotonic()
+        rows: list[int] = []  # packed-token index of each logit row
+        row_owner: list[tuple[Request, str, int]] = []  # (request, "sample" | "prompt", prompt index)
+        offset = 0
+        for req, n in zip(reqs, num_new):
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            if req.num_computed_tokens == 0 and req.num_preemptions == 0:
+                self._stats.prompt_tokens_total += req.num_prompt_tokens
+            want = req.params.prompt_logprobs
+            if want is not None and len(req.prompt_logprobs) < req.num_prompt_tokens:
+                # logits at token i predict token i + 1 of the prompt
+                for j in range(n):
+                    p = req.num_computed_tokens + j
+                    if p + 1 < req.num_prompt_tokens:
+                        rows.append(offset + j)
+                        row_owner.append((req, "prompt", p + 1))
+            if req.num_computed_tokens + n == req.num_tokens:
+                rows.append(offset + n - 1)
+                row_owner.append((req, "sample", 0))
+            offset += n
+        logits = self.runner.execute(self.cache, reqs, num_new, rows)
+        for req, n in zip(reqs, num_new):
+            req.num_computed_tokens += n
+            self._stats.kv_tokens_seen_total += n * self.runner.spec.num_layers
+
+        sample_idx = [i for i, (_, kind, _) in enumerate(row_owner) if kind == "sample"]
+        sample_reqs = [row_owner[i][0] for i in sample_idx]
+        touched: list[Request] = []
+        if sample_idx:
+            lg = logits[sample_idx]
+            suppress = [self._suppressed(r) for r in sample_reqs]
+            tokens = self.sampler(lg, [r.params for r in sample_reqs], [r.generator for r in sample_reqs], suppress)
+            want_lp = [r.params.logprobs for r in sample_reqs]
+            if any(w is not None for w in want_lp):
+                top = max(w or 0 for w in want_lp)
+                chosen, top_ids, top_vals = Sampler.logprobs(lg, tokens, top)
+            token_list = tokens.tolist()
+            for i, (req, tok) in enumerate(zip(sample_reqs, token_list)):
+                if req.params.logprobs is not None:
+                    k = req.params.logprobs
+                    alts = list(zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist())) if k else []
+                    req.logprobs.append(TokenLogprob(tok, float(chosen[i]), alts))
+                self._append_token(req, tok, now)
+                touched.append(req)
+        self._fill_prompt_logprobs(logits, row_owner)
+        return touched
+
+    def _fill_prompt_logprobs(self, logits: torch.Tensor, row_owner: list[tuple[Request, str, int]]) -> None:
+        idx = [i for i, (_, kind, _) in enumerate(row_owner) if kind == "prompt"]
+        if not idx:
+            return
+        owners = [row_owner[i] for i in idx]
+        targets = torch.tensor([r.prompt_token_ids[p] for r, _, p in owners], device=logits.device)
+        top = max(r.params.prompt_logprobs or 0 for r, _, _ in owners)
+        chosen, top_ids, top_vals = Sampler.logprobs(logits[idx], targets, top)
+        for j, (req, _, p) in enumerate(owners):
+            if not req.prompt_logprobs:
+                req.prompt_logprobs.append(None)  # the first prompt token has no logprob
+            k = req.params.prompt_logprobs or 0
+            alts = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist())) if k else []
+            req.prompt_logprobs.append(TokenLogprob(req.prompt_token_ids[p], float(chosen[j]), alts))
+
+    def _suppressed(self, req: Request) -> list[int]:
+        if req.num_output_tokens >= req.params.min_tokens:
+            return []
+        ids = list(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            ids.extend(self.eos_token_ids)
+        return ids
+
+    def _append_token(self, req: Request, tok: int, now: float) -> None:
+        p = req.params
+        req.output_token_ids.append(tok)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        self._stats.generation_tokens_total += 1
+        detok = self.detok[req.request_id]
+        past_min = req.num_output_tokens >= p.min_tokens
+        stop_str = detok.add(tok, check_stop=past_min)
+        if stop_str is not None:
+            self._finish(req, FinishReason.STOP, stop_str)
+        elif not p.ignore_eos and tok in self.eos_token_ids and past_min:
+            self._finish(req, FinishReason.STOP, None)
+        elif tok in p.stop_token_ids and past_min:
+            self._finish(req, FinishReason.STOP, tok)
+        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, FinishReason.LENGTH)
+        if req.is_finished and stop_str is None:
+            detok.flush()
+
+    def _output(self, req: Request) -> RequestOutput:
+        detok = self.detok.get(req.request_id)
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=detok.safe_text(req.is_finished) if detok else "",
+            finished=req.is_finished,
+            finish_reason=req.finish_reason.value if req.finish_reason else None,
+            stop_reason=req.stop_reason,
+            error=req.error,
+            logprobs=list(req.logprobs),
+            prompt_logprobs=list(req.prompt_logprobs),
+            arrival_time=req.arrival_time,
+            first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time,
+            finished_time=req.finished_time,
+            num_preemptions=req.num_preemptions,
+        )
+
+    # ---- stats ------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        st = self._stats
+        st.num_running = len(self.scheduler.running)
+        st.num_waiting = len(self.scheduler.waiting)
+        st.kv_usage = self.cache.usage
+        st.num_preemptions_total = self.scheduler.num_preemptions
+        seqs = [self.cache.seqs[r.request_id] for r in self.scheduler.running if r.request_id in self.cache.seqs]
+        st.kv_tokens_kept = sum(sum(s.lens) for s in seqs)
+        st.kv_tokens_seen = sum(s.seen for s in seqs) * self.runner.spec.num_layers
+        return EngineStats(**vars(st))

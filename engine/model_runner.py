@@ -1,0 +1,116 @@
+"""Loads the model and runs one step: the packed tokens of all scheduled requests in one
+forward, attention over the pool, logits for the rows that need them."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from engine.attention import EvictionHook, PoolAttention, StepMetadata
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache
+from engine.models.llama import DecoderModel, ModelSpec, load_weights_source, rope_inv_freq
+from engine.request import Request
+
+log = logging.getLogger("batchmax")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_POOL_CAP = 1 << 30  # a CPU pool larger than this only slows tests and small hosts down
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str | Path, load_weights: bool = True) -> None:
+        from transformers import AutoConfig
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.hf_config = AutoConfig.from_pretrained(model_path)
+        self.spec = ModelSpec.from_hf_config(self.hf_config)
+        inv_freq, scale = rope_inv_freq(self.hf_config, self.spec.head_dim)
+        with torch.device(self.device):
+            model = DecoderModel(self.spec, inv_freq, scale)
+        model.to(dtype=self.dtype)
+        model.rotary.inv_freq = inv_freq.to(self.device)  # RoPE frequencies stay float32
+        if load_weights:
+            model.load_hf_weights(load_weights_source(str(model_path)))
+        else:  # random weights for benchmarks ("dummy" load, as vLLM calls it)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() >= 2:
+                        p.normal_(0.0, 0.02)
+        self.model = model.eval().requires_grad_(False)
+
+    # ---- the pool ---------------------------------------------------------------------------
+
+    def kv_bytes_per_token(self) -> int:
+        s = self.spec
+        return KVCache.bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, self.dtype)
+
+    def pool_tokens(self, max_useful_tokens: int) -> int:
+        """Capacity from the config: given, or a fraction of free memory after the weights."""
+        cc = self.config.cache
+        if cc.num_tokens is not None:
+            return cc.num_tokens
+        per_token = self.kv_bytes_per_token()
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # keep activations' room: the fraction's remainder plus 1 GiB
+            avail = int(free * cc.memory_fraction) - (1 << 30)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            avail = min(int(free * cc.memory_fraction), _CPU_POOL_CAP)
+        tokens = min(avail // per_token, max_useful_tokens)
+        if tokens < cc.block_size:
+            raise RuntimeError(f"no memory left for the KV pool ({avail / 2**20:.0f} MiB available)")
+        return tokens
+
+    def allocate_cache(self, num_tokens: int) -> KVCache:
+        s, bs = self.spec, self.config.cache.block_size
+        cache = KVCache(s.num_layers, s.num_kv_heads, s.head_dim, num_tokens // bs, bs, self.dtype, self.device)
+        log.info("KV pool: %d tokens per layer (%.2f GiB)", cache.capacity_tokens, cache.capacity_tokens * self.kv_bytes_per_token() / 2**30)
+        return cache
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        cache: KVCache,
+        requests: list[Request],
+        num_new: list[int],
+        logit_rows: list[int],
+        hook: EvictionHook | None = None,
+    ) -> torch.Tensor:
+        """Run the step and return float32 logits (len(logit_rows), V) for the packed-token
+        indices ``logit_rows``. The pool's held lengths are advanced by ``num_new`` (the
+        eviction hook may then lower them)."""
+        ids: list[int] = []
+        pos: list[int] = []
+        for req, n in zip(requests, num_new):
+            start = req.num_computed_tokens
+            ids.extend(req.all_token_ids[start : start + n])
+            pos.extend(range(start, start + n))
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        positions = torch.tensor(pos, dtype=torch.int64).to(self.device, non_blocking=True)
+        meta = StepMetadata.build(cache, [r.request_id for r in requests], num_new, positions)
+        ctx = PoolAttention(cache, meta, hook)
+        hidden = self.model(input_ids, positions, ctx)
+        for req, n in zip(requests, num_new):
+            cache.commit(req.request_id, n)
+        rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))

@@ -1,0 +1,279 @@
+"""One decoder forward for Llama, Mistral, Qwen2 and Qwen3: the same shape with switches
+(GQA, bias on q/k/v, RMSNorm on q and k, tied embeddings), as nano-vllm does.
+
+The model sees a flat batch: every scheduled token of every request packed into one
+sequence of N tokens with its true position. Attention is delegated to the step's
+``AttentionContext``, which reads and writes the KV pool and runs eviction right after each
+layer's attention; the model itself knows nothing of the pool, so the same module serves the
+torch reference path and the fast CUDA path.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The numbers of a decoder, read from a Hugging Face config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "ModelSpec":
+        mt = config.model_type
+        if mt not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"unsupported model type {mt!r}: batchmax serves llama, mistral, qwen2 and qwen3")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported activation {config.hidden_act!r}")
+        heads = config.num_attention_heads
+        attn_bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            model_type=mt,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else attn_bias,  # Qwen2 always has q/k/v bias
+            o_bias=attn_bias if mt in ("llama", "mistral", "qwen3") else False,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=mt == "qwen3",
+        )
+
+
+def rope_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale, with every RoPE variant transformers knows
+    (llama3, yarn, linear, dynamic...) delegated to its own initialisers."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type == "dynamic":
+        raise ValueError("dynamic NTK RoPE rescales with the sequence length, which evicted caches cannot follow")
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.float(), float(scale)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, as transformers computes them
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    def __init__(self, inv_freq: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scale = scale
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (N, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (N, D)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, H, D); cos, sin (N, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class AttentionContext(Protocol):
+    """What a layer needs from the step: attention over the request's cache plus new tokens."""
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (N, H_q, D), k and v (N, H_kv, D), post-RoPE -> (N, H_q, D)."""
+        ...
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        # fused q/k/v projection: one matmul instead of three
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = ctx.attend(self.layer_idx, q, k, v)  # (N, H_q, D)
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.inter = spec.intermediate_size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer_idx)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cos, sin, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: ModelSpec, inv_freq: torch.Tensor, rope_scale: float = 1.0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary = Rotary(inv_freq, rope_scale)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """input_ids, positions (N,) -> final hidden states (N, hidden)."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ---- weights -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_hf_weights(self, tensors: dict[str, torch.Tensor] | Any) -> None:
+        """Copy a Hugging Face state dict (``model.layers.0.self_attn.q_proj.weight``...)
+        into the fused layout. ``tensors`` maps names to tensors (lazily is fine)."""
+        loaded: set[str] = set()
+
+        def put(dst: torch.Tensor, name: str, rows: slice | None = None) -> None:
+            src = tensors[name]
+            (dst if rows is None else dst[rows]).copy_(src.to(dst.dtype))
+            loaded.add(name)
+
+        put(self.embed_tokens.weight, "model.embed_tokens.weight")
+        put(self.norm.weight, "model.norm.weight")
+        if self.lm_head is not None:
+            put(self.lm_head.weight, "lm_head.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            a = layer.self_attn
+            q, kv = a.q_size, a.kv_size
+            parts = (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv)))
+            for proj, rows in parts:
+                put(a.qkv_proj.weight, f"{p}self_attn.{proj}.weight", rows)
+                if a.qkv_proj.bias is not None:
+                    put(a.qkv_proj.bias, f"{p}self_attn.{proj}.bias", rows)
+            put(a.o_proj.weight, f"{p}self_attn.o_proj.weight")
+            if a.o_proj.bias is not None:
+                put(a.o_proj.bias, f"{p}self_attn.o_proj.bias")
+            if a.q_norm is not None:
+                put(a.q_norm.weight, f"{p}self_attn.q_norm.weight")
+                put(a.k_norm.weight, f"{p}self_attn.k_norm.weight")
+            m, inter = layer.mlp, layer.mlp.inter
+            put(m.gate_up_proj.weight, f"{p}mlp.gate_proj.weight", slice(0, inter))
+            put(m.gate_up_proj.weight, f"{p}mlp.up_proj.weight", slice(inter, 2 * inter))
+            put(m.down_proj.weight, f"{p}mlp.down_proj.weight")
+            if m.down_proj.bias is not None:
+                put(m.gate_up_proj.bias, f"{p}mlp.gate_proj.bias", slice(0, inter))
+                put(m.gate_up_proj.bias, f"{p}mlp.up_proj.bias", slice(inter, 2 * inter))
+                put(m.down_proj.bias, f"{p}mlp.down_proj.bias")
+            put(layer.input_layernorm.weight, f"{p}input_layernorm.weight")
+            put(layer.post_attention_layernorm.weight, f"{p}post_attention_layernorm.weight")
+
+
+class SafetensorsDir:
+    """Lazy name -> tensor view over every ``*.safetensors`` file of a model directory."""
+
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        self._files = {}
+        for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            handle = safe_open(f, framework="pt")
+            for key in handle.keys():
+                self._files[key] = handle
+        if not self._files:
+            raise FileNotFoundError(f"no *.safetensors weights in {path}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._files:
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+        return self._files[name].get_tensor(name)
+
+
+def load_weights_source(path: str) -> Any:
+    """Safetensors read lazily; other formats through transformers (slower, full copy)."""
+    if glob.glob(os.path.join(path, "*.safetensors")):
+        return SafetensorsDir(path)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def read_config_json(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)

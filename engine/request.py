@@ -1,0 +1,93 @@
+"""A request's life in the engine: tokens, progress, status and timestamps."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # aborted by the client or the server
+    ERROR = "error"  # the engine failed while running this request
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a chosen token, with the ``top`` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    """Tokens of ``all_token_ids`` that the model has already read (their K/V were computed,
+    whether or not eviction kept them). Catches up with ``num_tokens`` chunk by chunk."""
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that finished the request, if any."""
+    error: str | None = None
+    generator: torch.Generator | None = None
+    """Per-request RNG: sampling does not depend on what else is in the batch."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    num_preemptions: int = 0
+    policy: object | None = None
+    """The request's ``EvictionPolicy``; ``None`` for the full cache."""
+    layer_budgets: list[int] | None = None
+    """Tokens kept per layer and KV head; ``None`` for the full cache."""
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True until the model has read every prompt token (and, after a preemption, every
+        token generated before it)."""
+        return self.num_computed_tokens < self.num_tokens - (1 if self.output_token_ids else 0)
+
+    def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.finished_time = time.monotonic()

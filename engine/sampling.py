@@ -1,0 +1,121 @@
+"""Sampling parameters of a request, and the ``Sampler`` that turns logits into tokens.
+
+Sampling is per request with the request's own ``torch.Generator`` (seeded by ``seed``, or
+by the engine's seed and the request's arrival order), so a seeded request draws the same
+tokens whatever else is in the batch. Greedy rows are batched through one ``argmax``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    """Most tokens to generate (also bounded by the context length)."""
+    min_tokens: int = 0
+    """EOS and stop token ids are suppressed until this many tokens are generated."""
+    temperature: float = 1.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 or -1: no top-k cut."""
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    """Stop strings, matched on the detokenized output (they may span tokens); excluded from
+    the returned text."""
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """Return the chosen token's log-probability and this many top alternatives (0: only the
+    chosen one). ``None``: none."""
+    prompt_logprobs: int | None = None
+    """The same for the prompt tokens (the first has none)."""
+    kv_policy: str | None = None
+    """Eviction policy of this request; ``None``: the engine's default."""
+    kv_budget: int | None = None
+    """Tokens kept per layer and KV head; ``None``: the engine's default."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        self.stop_token_ids = list(self.stop_token_ids)
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 or positive, got {self.top_k}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 20:
+                raise ValueError(f"{name} must be between 0 and 20, got {v}")
+        if self.kv_budget is not None and self.kv_budget <= 0:
+            raise ValueError(f"kv_budget must be positive, got {self.kv_budget}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """Picks the next token of each request from its last-position logits."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # (B, V) float32
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        suppress: list[list[int]],
+    ) -> torch.Tensor:  # (B,) int64 on the logits' device
+        """``suppress[i]`` lists token ids row i may not produce (EOS before min_tokens)."""
+        logits = logits.float()
+        for i, ids in enumerate(suppress):
+            if ids:
+                logits[i, ids] = float("-inf")
+        out = logits.argmax(dim=-1)
+        for i, p in enumerate(params):
+            if p.greedy:
+                continue
+            out[i] = self._sample_row(logits[i], p, generators[i])
+        return out
+
+    @staticmethod
+    def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+        logits = logits / p.temperature  # (V,)
+        if p.top_k > 0 and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            cum = sorted_probs.cumsum(-1)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            drop = (cum - sorted_probs) >= p.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        # Exponential race (Gumbel-max in another form): argmax(p / E), E ~ Exp(1), drawn
+        # from the request's own generator so the draw is independent of the batch.
+        noise = torch.empty_like(probs).exponential_(generator=gen)
+        return (probs / noise).argmax()
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-softmax of the raw logits (before temperature, as OpenAI reports them).
+        Returns the chosen tokens' logprobs (B,) and, if ``top`` > 0, the top ids and
+        logprobs (B, top)."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lp.gather(-1, token_ids.view(-1, 1)).squeeze(-1)
+        if top <= 0:
+            return chosen, None, None
+        vals, ids = lp.topk(top, dim=-1)
+        return chosen, ids, vals

@@ -1,0 +1,1 @@
+"""batchmax's HTTP front end and command line. Imports the engine; the engine never imports this."""
