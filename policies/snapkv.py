@@ -1,0 +1,40 @@
+"""``snapkv`` (SnapKV, arXiv 2404.14469): mean attention from the latest queries, max-pooled
+over neighbouring positions so a kept token brings its immediate context along."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import EvictionPolicy, ScoreContext, ScoreResult, _require_queries, attention_received
+
+
+@dataclass
+class SnapKVPolicy(EvictionPolicy):
+    name = "snapkv"
+    obs_window: int | None = 16
+    """Latest queries observed. 8-16 measured best (DESIGN.md §1): a 64-query window is mostly
+    filler on short prompts and drowns the question's signal."""
+    kernel: int = 5
+    """Max-pool width (odd) over neighbouring key positions."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"snapkv: kernel must be a positive odd number, got {self.kernel}")
+
+    def score(self, ctx: ScoreContext) -> ScoreResult:
+        _require_queries(ctx)
+        B, H_kv, T, _ = ctx.keys.shape
+        G = ctx.queries.shape[1] // H_kv
+        n_queries = ctx.query_mask.sum(dim=1).clamp_min(1).to(torch.float32)  # (B,)
+        mean = attention_received(ctx) / (G * n_queries)[:, None, None]  # (B, H_kv, T)
+        # Padded keys receive no attention already; zero them explicitly anyway so pooling can
+        # never pull a padded value into a real key (attention is >= 0, so 0 is neutral).
+        mean = mean.masked_fill(~ctx.key_mask[:, None, :], 0.0)
+        if self.kernel > 1:
+            # stride 1 and padding kernel//2 keep length T; the implicit padding is -inf.
+            pooled = F.max_pool1d(mean.reshape(B * H_kv, 1, T), self.kernel, 1, self.kernel // 2)
+            mean = pooled.reshape(B, H_kv, T)
+        return ScoreResult(mean)
