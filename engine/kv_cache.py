@@ -57,8 +57,15 @@ class KVCache:
         self.k = torch.empty(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.pos = torch.empty(num_layers, slots, num_kv_heads, dtype=torch.int32, device=device)
+        self.state: torch.Tensor | None = None
+        """(L, num_slots, H_kv) float32 running scores of stateful policies (h2o), made on first use."""
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # stack: low ids first
         self.seqs: dict[str, SeqKV] = {}
+
+    def ensure_state(self) -> torch.Tensor:
+        if self.state is None:
+            self.state = torch.zeros(self.pos.shape, dtype=torch.float32, device=self.device)
+        return self.state
 
     # ---- sizing ---------------------------------------------------------------------------
 

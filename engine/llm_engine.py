@@ -18,20 +18,21 @@ from engine.request import FinishReason, Request, RequestStatus, TokenLogprob
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Scheduler
 from engine.stats import EngineStats
+from policies import get_policy
 
 log = logging.getLogger("batchmax")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, load_weights: bool = True) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
         path = resolve_model(config.model)
         self.model_path = path
         self.model_name = DEFAULT_MODEL_NAME if config.model is None else Path(path).resolve().name
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
-        self.runner = ModelRunner(config, path, load_weights=load_weights)
+        self.tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer or path)
+        self.runner = ModelRunner(config, path, load_weights=config.load_format == "auto")
         spec = self.runner.spec
         self.max_model_len = config.scheduler.max_model_len or spec.max_position_embeddings
         sliding = getattr(self.runner.hf_config, "sliding_window", None)
@@ -46,13 +47,14 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, Detokenizer] = {}
+        self.windows: dict = {}  # observation windows of evicting requests, across steps
         self._finished_unreported: list[Request] = []
         self._seed_counter = itertools.count()
         self._stats = EngineStats(kv_capacity_tokens=self.cache.capacity_tokens)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
-        for src in (getattr(self.runner.hf_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+        for src in (getattr(self.runner.hf_config, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
             if isinstance(src, int):
                 ids.add(src)
             elif src:
@@ -70,6 +72,8 @@ class LLMEngine:
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine runs without a tokenizer: give token ids")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)
 
@@ -94,10 +98,18 @@ class LLMEngine:
             raise ValueError(f"the request needs {need} tokens of KV cache, more than the pool holds ({self.cache.capacity_tokens})")
 
     def _resolve_policy(self, req: Request) -> None:
-        """Full cache only, until eviction policies are wired in."""
+        """The request's policy and per-layer budgets (its own, else the engine's default)."""
         name = req.params.kv_policy or self.config.eviction.kv_policy
-        if name != "full":
-            raise ValueError(f"unknown kv_policy {name!r}")
+        policy = get_policy(name)  # ValueError naming the known policies
+        if not policy.evicts:
+            req.policy, req.layer_budgets = None, None
+            return
+        budget = req.params.kv_budget if req.params.kv_budget is not None else self.config.eviction.kv_budget
+        if budget is None:
+            raise ValueError(f"kv_policy {policy.name!r} evicts and needs a kv_budget (tokens kept per layer and KV head)")
+        policy.validate_budget(budget)
+        req.policy = policy
+        req.layer_budgets = policy.layer_budgets(budget, self.runner.spec.num_layers)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -110,7 +122,8 @@ class LLMEngine:
             seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._seed_counter))) & (2**63 - 1)
             req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         self.requests[request_id] = req
-        self.detok[request_id] = Detokenizer(self.tokenizer, prompt_ids, params.stop)
+        if self.tokenizer is not None:
+            self.detok[request_id] = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         self.scheduler.add(req)
 
     def abort_request(self, request_id: str) -> None:
@@ -149,6 +162,7 @@ class LLMEngine:
         for r in self._finished_unreported:
             self.requests.pop(r.request_id, None)
             self.detok.pop(r.request_id, None)
+            self.windows.pop(r.request_id, None)
         self._finished_unreported = []
         return outs
 
@@ -174,7 +188,8 @@ class LLMEngine:
                 rows.append(offset + n - 1)
                 row_owner.append((req, "sample", 0))
             offset += n
-        logits = self.runner.execute(self.cache, reqs, num_new, rows)
+        logits, evicted = self.runner.execute(self.cache, reqs, num_new, rows, self.windows)
+        self._stats.kv_tokens_evicted_total += evicted
         for req, n in zip(reqs, num_new):
             req.num_computed_tokens += n
             self._stats.kv_tokens_seen_total += n * self.runner.spec.num_layers
@@ -230,9 +245,9 @@ class LLMEngine:
         if req.first_token_time is None:
             req.first_token_time = now
         self._stats.generation_tokens_total += 1
-        detok = self.detok[req.request_id]
+        detok = self.detok.get(req.request_id)
         past_min = req.num_output_tokens >= p.min_tokens
-        stop_str = detok.add(tok, check_stop=past_min)
+        stop_str = detok.add(tok, check_stop=past_min) if detok else None
         if stop_str is not None:
             self._finish(req, FinishReason.STOP, stop_str)
         elif not p.ignore_eos and tok in self.eos_token_ids and past_min:
@@ -241,7 +256,7 @@ class LLMEngine:
             self._finish(req, FinishReason.STOP, tok)
         elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
             self._finish(req, FinishReason.LENGTH)
-        if req.is_finished and stop_str is None:
+        if detok and req.is_finished and stop_str is None:
             detok.flush()
 
     def _output(self, req: Request) -> RequestOutput:

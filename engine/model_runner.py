@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import EvictionHook, PoolAttention, StepMetadata
+from engine.attention import PoolAttention, StepMetadata
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
 from engine.models.llama import DecoderModel, ModelSpec, load_weights_source, rope_inv_freq
+from engine.evictor import Evictor, QueryWindow
 from engine.request import Request
 
 log = logging.getLogger("batchmax")
@@ -42,17 +43,23 @@ class ModelRunner:
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.spec = ModelSpec.from_hf_config(self.hf_config)
         inv_freq, scale = rope_inv_freq(self.hf_config, self.spec.head_dim)
-        with torch.device(self.device):
-            model = DecoderModel(self.spec, inv_freq, scale)
-        model.to(dtype=self.dtype)
+        # Build on the meta device and allocate once in the target dtype: no float32 copy of
+        # an 8B model, no init kernels for weights that are overwritten anyway.
+        with torch.device("meta"):
+            model = DecoderModel(self.spec, inv_freq, scale).to(dtype=self.dtype)
+        model.to_empty(device=self.device)
         model.rotary.inv_freq = inv_freq.to(self.device)  # RoPE frequencies stay float32
-        if load_weights:
-            model.load_hf_weights(load_weights_source(str(model_path)))
-        else:  # random weights for benchmarks ("dummy" load, as vLLM calls it)
-            with torch.no_grad():
-                for p in model.parameters():
+        with torch.no_grad():
+            if load_weights:
+                model.load_hf_weights(load_weights_source(str(model_path)))
+            else:  # random weights for benchmarks ("dummy" load, as vLLM calls it)
+                for name, p in model.named_parameters():
                     if p.dim() >= 2:
                         p.normal_(0.0, 0.02)
+                    elif name.endswith("bias"):
+                        p.zero_()
+                    else:  # norm scales
+                        p.fill_(1.0)
         self.model = model.eval().requires_grad_(False)
 
     # ---- the pool ---------------------------------------------------------------------------
@@ -94,11 +101,12 @@ class ModelRunner:
         requests: list[Request],
         num_new: list[int],
         logit_rows: list[int],
-        hook: EvictionHook | None = None,
-    ) -> torch.Tensor:
-        """Run the step and return float32 logits (len(logit_rows), V) for the packed-token
-        indices ``logit_rows``. The pool's held lengths are advanced by ``num_new`` (the
-        eviction hook may then lower them)."""
+        windows: dict[str, QueryWindow] | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Run the step; returns float32 logits (len(logit_rows), V) for the packed-token
+        indices ``logit_rows`` and the number of tokens evicted (summed over layers). The
+        pool's held lengths advance by ``num_new``, then drop where layers evicted.
+        ``windows`` holds the requests' observation windows across steps."""
         ids: list[int] = []
         pos: list[int] = []
         for req, n in zip(requests, num_new):
@@ -108,9 +116,20 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
         positions = torch.tensor(pos, dtype=torch.int64).to(self.device, non_blocking=True)
         meta = StepMetadata.build(cache, [r.request_id for r in requests], num_new, positions)
-        ctx = PoolAttention(cache, meta, hook)
+        evictor = None
+        if any(r.policy is not None for r in requests):
+            spec = self.spec
+            evictor = Evictor(cache, spec.num_layers, spec.num_heads, self.config.eviction.evict_decode_every, windows, self.dtype)
+            per_req = [positions[meta.query_start[b] : meta.query_start[b + 1]] for b in range(len(requests))]
+            if not evictor.plan(requests, num_new, per_req):
+                evictor = None
+        ctx = PoolAttention(cache, meta, evictor)
         hidden = self.model(input_ids, positions, ctx)
         for req, n in zip(requests, num_new):
             cache.commit(req.request_id, n)
+        evicted = 0
+        if evictor is not None:
+            evictor.finish()
+            evicted = evictor.evicted_tokens
         rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        return self.model.compute_logits(hidden.index_select(0, rows)), evicted

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
+from engine.footprint import footprint_tokens
 from engine.kv_cache import KVCache
 from engine.request import Request, RequestStatus
 
@@ -48,20 +49,11 @@ class Scheduler:
 
     def footprint_tokens(self, req: Request) -> int:
         """Most tokens the request will hold in any layer (DESIGN.md section 1)."""
-        n = req.num_tokens
         decode = req.params.max_tokens - req.num_output_tokens
         if self.config.decode_reserve_tokens is not None:
             decode = min(decode, self.config.decode_reserve_tokens)
-        budgets = req.layer_budgets
-        if budgets is None:  # full cache
-            return n + decode
-        b = max(budgets)
-        prefill_peak = min(n, b + self.config.chunk_size)
-        if self.evict_decode_every:
-            decode_peak = min(n + decode, b + self.evict_decode_every)
-        else:
-            decode_peak = min(n, b) + decode
-        return max(prefill_peak, decode_peak)
+        budget = max(req.layer_budgets) if req.layer_budgets else None
+        return footprint_tokens(req.num_tokens, decode, budget, self.config.chunk_size, self.evict_decode_every)
 
     def footprint_blocks(self, req: Request) -> int:
         return self.cache.blocks_for(self.footprint_tokens(req))

@@ -30,7 +30,9 @@ class ScoreContext:
     values: torch.Tensor
     """(B, H_kv, T, D)"""
     key_positions: torch.Tensor
-    """(B, T) int64 original token positions (ascending along T); padding entries arbitrary."""
+    """(B, H_kv, T) int64 original token positions, per KV head since each head keeps its own
+    tokens (ascending along T); (B, T) is accepted when all heads hold the same tokens.
+    Padding entries arbitrary. Read it through ``positions_per_head``."""
     key_mask: torch.Tensor
     """(B, T) bool, True for real keys."""
     queries: torch.Tensor | None
@@ -105,6 +107,14 @@ class EvictionPolicy(abc.ABC):
             )
 
 
+def positions_per_head(ctx: ScoreContext) -> torch.Tensor:
+    """Key positions as (B, H_kv, T), whichever shape the context carries."""
+    kp = ctx.key_positions
+    if kp.dim() == 2:
+        kp = kp[:, None, :].expand(-1, ctx.keys.shape[1], -1)
+    return kp
+
+
 def _require_queries(ctx: ScoreContext) -> None:
     if ctx.queries is None or ctx.query_positions is None or ctx.query_mask is None:
         raise ValueError("this policy needs queries: ctx.queries, query_positions and query_mask must be set")
@@ -129,12 +139,13 @@ def window_attention(ctx: ScoreContext) -> torch.Tensor:
     k = ctx.keys.float()  # (B, H_kv, T, D)
     logits = torch.einsum("bhgwd,bhtd->bhgwt", q, k) * (1.0 / math.sqrt(D))  # (B, H_kv, G, W, T)
 
+    kp = positions_per_head(ctx)  # (B, H_kv, T)
     visible = (
-        ctx.key_mask[:, None, :]
-        & ctx.query_mask[:, :, None]
-        & (ctx.key_positions[:, None, :] <= ctx.query_positions[:, :, None])
-    )  # (B, W, T)
-    visible = visible[:, None, None]  # (B, 1, 1, W, T)
+        ctx.key_mask[:, None, None, :]
+        & ctx.query_mask[:, None, :, None]
+        & (kp[:, :, None, :] <= ctx.query_positions[:, None, :, None])
+    )  # (B, H_kv, W, T)
+    visible = visible[:, :, None]  # (B, H_kv, 1, W, T)
     logits = logits.masked_fill(~visible, float("-inf"))
     # Softmax by hand so that a row with no visible key gives zeros instead of NaN.
     row_max = logits.amax(dim=-1, keepdim=True)  # (B, H_kv, G, W, 1)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EvictionPolicy, ScoreContext, ScoreResult, _require_queries, attention_received
+from .base import EvictionPolicy, ScoreContext, ScoreResult, _require_queries, attention_received, positions_per_head
 
 
 @dataclass
@@ -26,5 +26,5 @@ class H2OPolicy(EvictionPolicy):
         # the prompt's end. Every query since the request's start has been observed (the
         # engine's contract for obs_window=None), so key at p was seen by positions p..q_max.
         q_max = ctx.query_positions.masked_fill(~ctx.query_mask, -1).amax(dim=1)  # (B,)
-        count = (q_max[:, None] - ctx.key_positions + 1).clamp_min(1).to(torch.float32)  # (B, T)
-        return ScoreResult(scores=state / count[:, None, :], state=state)
+        count = (q_max[:, None, None] - positions_per_head(ctx) + 1).clamp_min(1).to(torch.float32)  # (B, H_kv, T)
+        return ScoreResult(scores=state / count, state=state)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EvictionPolicy, ScoreContext, ScoreResult
+from .base import EvictionPolicy, ScoreContext, ScoreResult, positions_per_head
 
 
 @dataclass
@@ -16,6 +16,4 @@ class StreamingPolicy(EvictionPolicy):
     def score(self, ctx: ScoreContext) -> ScoreResult:
         # The engine always keeps the sinks; ranking the rest by position makes its top-k
         # keep the most recent ones, so the kept set is sinks + a recent window of the budget.
-        B, H_kv, T, _ = ctx.keys.shape
-        scores = ctx.key_positions.to(torch.float32)[:, None, :].expand(B, H_kv, T)  # (B, H_kv, T)
-        return ScoreResult(scores.contiguous())
+        return ScoreResult(positions_per_head(ctx).to(torch.float32).contiguous())  # (B, H_kv, T)

@@ -50,6 +50,111 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible API. The port opens at once (``/health`` says 503 until the
+    model is loaded). SIGTERM/SIGINT drain: no new calls (503), in-flight calls get up to
+    ``--shutdown-timeout`` seconds to finish, then the process exits 0. A second signal
+    stops at once."""
+    import logging
+    import os
+
+    from engine.config import EngineConfig
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("BATCHMAX_API_KEY") or None,
+        served_model_name=args.served_model_name,
+        max_queued=args.max_queued,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+    )
+    config = EngineConfig.from_kwargs(**engine_kwargs(args))  # bad options fail here, before the port opens
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def load():
+        from engine import LLMEngine
+
+        return LLMEngine(config)
+
+    from server.app import build_app
+
+    app = build_app(load, settings)
+    return _run_uvicorn(app, settings)
+
+
+def _run_uvicorn(app, settings) -> int:
+    import asyncio
+
+    import uvicorn
+
+    from server.app import drain
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, except that the first SIGTERM/SIGINT drains the app before exiting."""
+
+        draining = False
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame):
+            # Deliberately not recorded in uvicorn's captured signals: uvicorn re-raises
+            # those after shutdown, and the default handler would then kill the process
+            # (status -15) instead of the clean exit 0 a drain promises.
+            if self.draining:  # a second signal: stop now
+                self.should_exit = self.force_exit = True
+                return
+            if not self.started or self.loop is None:  # nothing to drain yet
+                self.should_exit = True
+                return
+            self.draining = True
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+        async def _drain(self):
+            try:
+                await drain(app, settings.shutdown_timeout)
+            finally:
+                self.should_exit = True
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=5, access_log=settings.log_level == "debug",
+    )
+    server = DrainingServer(config)
+    ctx = app.state.bm
+    ctx.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if ctx.load_error is not None:
+        print(f"batchmax: could not load the model: {ctx.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from engine.default_model import resolve_model
+    from engine.models.llama import ModelSpec
+    from engine.planner import make_plan
+    from engine.model_runner import resolve_dtype
+
+    import torch
+
+    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(resolve_model(args.model)))
+    dtype = resolve_dtype(args.dtype, torch.device("cuda"))
+    plan = make_plan(
+        spec, args.gpu_mem_gb, args.prompt_len, args.max_tokens, args.budget, args.chunk, dtype,
+        reserve_gb=args.reserve_gb, evict_decode_every=args.evict_decode_every,
+    )
+    print(f"{args.prompt_len}-token prompts -> {args.max_tokens} tokens, chunk {args.chunk}, {args.gpu_mem_gb:g} GB GPU, {dtype}")
+    print(plan.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchmax", description="OpenAI-compatible LLM server with bounded KV caches")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--sample-seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("plan", help="KV footprint per request and the largest batch, full cache vs budgets")
+    pl.add_argument("--model", default=None, help="local Hugging Face model directory (only config.json is read)")
+    pl.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    pl.add_argument("--prompt-len", type=int, default=4096)
+    pl.add_argument("--max-tokens", type=int, default=256)
+    pl.add_argument("--budget", type=int, nargs="+", default=[512, 1024], help="one or more kv budgets")
+    pl.add_argument("--chunk", type=int, default=512)
+    pl.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
+    pl.add_argument("--reserve-gb", type=float, default=2.0, help="GPU memory kept for activations")
+    pl.add_argument("--evict-decode-every", type=int, default=0)
+    pl.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY); also $BATCHMAX_API_KEY")
+    s.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
+    s.add_argument("--max-queued", type=int, default=1024, help="most requests waiting for admission; beyond, 503 with Retry-After")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

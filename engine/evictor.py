@@ -1,0 +1,210 @@
+"""Batch-Max eviction inside the forward: after each layer's attention, the requests whose
+cache in that layer outgrew their budget are scored by their policy, keep the top-k tokens per
+KV head (plus sinks and the recent window) and are compacted in place.
+
+When a request evicts (its layer ``l`` holds ``held + n`` tokens after this step):
+
+- a prefill step (a chunk of the prompt): whenever ``held + n > budget_l``. The request then
+  never holds more than ``budget_l + chunk`` tokens in any layer.
+- a decode step, only with ``evict_decode_every = k > 0``: when ``held + 1 >= budget_l + k``,
+  so the decode footprint stays at ``budget_l + k``.
+
+Policies that need queries see an observation window of the request's latest ``obs_window``
+queries (kept across steps in a small per-request buffer, so a window can span decode steps),
+or, for ``obs_window=None`` (h2o), this step's queries: such policies are stateful and fold
+every step's queries into their running state, evicting or not, so no query is missed.
+
+Everything is batched over the requests of one policy per layer: one gather of their keys,
+one ``score``, one ``select_keep``, one scatter back into the pool.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import PoolAttention
+from engine.eviction import select_keep
+from engine.kv_cache import KVCache
+from engine.request import Request
+from policies import EvictionPolicy, ScoreContext
+
+
+@dataclass
+class _Member:
+    b: int  # index in the step's batch
+    req: Request
+    n: int  # new tokens this step
+    evict_layers: list[bool]
+    windowed: bool  # keeps an observation window this step
+
+
+@dataclass
+class _Group:
+    policy: EvictionPolicy
+    members: list[_Member] = field(default_factory=list)
+
+
+class QueryWindow:
+    """The latest ``size`` queries of one request, per layer (observation window)."""
+
+    def __init__(self, num_layers: int, size: int, num_heads: int, head_dim: int, dtype, device) -> None:
+        self.q = torch.zeros(num_layers, size, num_heads, head_dim, dtype=dtype, device=device)
+        self.pos = torch.zeros(size, dtype=torch.int64, device=device)
+        self.filled = 0
+        self.size = size
+
+    def push(self, layer: int, q_new: torch.Tensor) -> None:
+        """q_new (n, H_q, D): the request's queries of this step in this layer."""
+        m = min(self.size, q_new.shape[0])
+        self.q[layer] = torch.cat([self.q[layer, m:], q_new[-m:]])
+
+    def push_positions(self, pos_new: torch.Tensor) -> None:
+        m = min(self.size, pos_new.shape[0])
+        self.pos = torch.cat([self.pos[m:], pos_new[-m:]])
+        self.filled = min(self.size, self.filled + pos_new.shape[0])
+
+
+class Evictor:
+    """The eviction hook of one step (``PoolAttention`` calls it after every layer)."""
+
+    def __init__(
+        self,
+        cache: KVCache,
+        num_layers: int,
+        num_heads: int,
+        evict_decode_every: int,
+        windows: dict[str, QueryWindow],
+        q_dtype: torch.dtype,
+    ) -> None:
+        self.cache = cache
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.q_dtype = q_dtype
+        self.k = evict_decode_every
+        self.windows = windows  # persistent across steps, owned by the engine
+        self.groups: dict[str, _Group] = {}
+        self.new_lens: dict[str, list[int]] = {}
+        self.evicted_tokens = 0
+
+    # ---- planning (before the forward) -------------------------------------------------------
+
+    def plan(self, requests: list[Request], num_new: list[int], positions: list[torch.Tensor]) -> bool:
+        """Decide who evicts where; returns False when nobody needs the hook this step."""
+        for b, (req, n) in enumerate(zip(requests, num_new)):
+            policy = req.policy
+            if policy is None:
+                continue
+            held = self.cache.seqs[req.request_id].lens
+            budgets = req.layer_budgets
+            decode = n == 1 and req.num_output_tokens > 0 and req.num_computed_tokens == req.num_tokens - 1
+            if decode:
+                evict = [self.k > 0 and h + 1 >= bl + self.k for h, bl in zip(held, budgets)]
+            else:
+                evict = [h + n > bl for h, bl in zip(held, budgets)]
+            # the window matters only while the request may still evict
+            windowed = policy.needs_queries and policy.obs_window is not None and (not decode or self.k > 0)
+            if windowed:
+                w = self.windows.get(req.request_id)
+                if w is None or req.num_computed_tokens == 0:  # new, or restarted after preemption
+                    w = self.windows[req.request_id] = QueryWindow(
+                        self.num_layers, policy.obs_window, self.num_heads, self.cache.head_dim, self.q_dtype, self.cache.device
+                    )
+                w.push_positions(positions[b])
+            if not (any(evict) or policy.stateful or windowed):
+                continue
+            key = repr(policy)
+            self.groups.setdefault(key, _Group(policy)).members.append(_Member(b, req, n, evict, windowed))
+        return bool(self.groups)
+
+    # ---- the hook (inside the forward) -------------------------------------------------------
+
+    def __call__(self, layer: int, q: torch.Tensor, attn: PoolAttention) -> None:
+        meta = attn.meta
+        for group in self.groups.values():
+            pol = group.policy
+            for m in group.members:
+                if m.windowed:
+                    s, e = meta.query_start[m.b], meta.query_start[m.b + 1]
+                    self.windows[m.req.request_id].push(layer, q[s:e])
+            members = [m for m in group.members if m.evict_layers[layer] or pol.stateful]
+            if members:
+                self._score_and_compact(layer, pol, members, q, meta)
+
+    def _score_and_compact(self, layer: int, pol: EvictionPolicy, members: list[_Member], q: torch.Tensor, meta) -> None:
+        cache, dev = self.cache, self.cache.device
+        B = len(members)
+        lens = [meta.lens[m.b][layer] + m.n for m in members]  # held after this step's writes
+        T = max(lens)
+        slots = meta.slots[[m.b for m in members], :T]  # (B, T); pad entries are valid slots of the row
+        lens_t = torch.tensor(lens, device=dev)
+        key_mask = torch.arange(T, device=dev)[None, :] < lens_t[:, None]  # (B, T)
+        keys = cache.k[layer, slots].transpose(1, 2)  # (B, H_kv, T, D)
+        values = cache.v[layer, slots].transpose(1, 2)
+        key_pos = cache.pos[layer, slots].transpose(1, 2).to(torch.int64)  # (B, H_kv, T)
+
+        queries = q_pos = q_mask = None
+        if pol.needs_queries:
+            queries, q_pos, q_mask = self._queries(pol, members, layer, q, meta)
+        state = None
+        if pol.stateful:
+            if cache.state is None:
+                cache.ensure_state()
+            held = torch.tensor([meta.lens[m.b][layer] for m in members], device=dev)
+            old = torch.arange(T, device=dev)[None, :] < held[:, None]  # new keys start at 0
+            state = cache.state[layer, slots].transpose(1, 2) * old[:, None, :]  # (B, H_kv, T)
+        ctx = ScoreContext(keys, values, key_pos, key_mask, queries, q_pos, q_mask, state, layer, self.num_layers)
+        result = pol.score(ctx)
+
+        evicting = torch.tensor([m.evict_layers[layer] for m in members], device=dev)
+        budgets = torch.tensor([m.req.layer_budgets[layer] for m in members], device=dev)
+        # rows that do not evict keep everything (stateful policies still update their state)
+        budgets = torch.where(evicting, budgets, lens_t)
+        keep_idx, keep_len = select_keep(result.scores, key_mask, budgets, pol.sink, pol.window)
+        K = keep_idx.shape[-1]
+        D = keys.shape[-1]
+        gidx = keep_idx[..., None].expand(-1, -1, -1, D)
+        valid = torch.arange(K, device=dev)[None, :] < keep_len[:, None]  # (B, K)
+        dst = slots[:, :K][valid]  # (M,) slots kept tokens move to, front of each row
+        # (B, H, K, D) -> (B, K, H, D) -> rows (M, H, D)
+        cache.k[layer, dst] = keys.gather(2, gidx).transpose(1, 2)[valid]
+        cache.v[layer, dst] = values.gather(2, gidx).transpose(1, 2)[valid]
+        cache.pos[layer, dst] = key_pos.gather(2, keep_idx).transpose(1, 2)[valid].to(torch.int32)
+        if result.state is not None:
+            cache.state[layer, dst] = result.state.gather(2, keep_idx).transpose(1, 2)[valid]
+        for m, ln, kl in zip(members, lens, keep_len.tolist()):
+            if m.evict_layers[layer]:
+                nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
+                nl[layer] = kl
+                self.evicted_tokens += ln - kl
+
+    def _queries(self, pol: EvictionPolicy, members: list[_Member], layer: int, q: torch.Tensor, meta):
+        dev = q.device
+        if pol.obs_window is not None:
+            wins = [self.windows[m.req.request_id] for m in members]
+            W = pol.obs_window
+            queries = torch.stack([w.q[layer] for w in wins]).permute(0, 2, 1, 3)  # (B, H_q, W, D)
+            q_pos = torch.stack([w.pos for w in wins])  # (B, W)
+            filled = torch.tensor([w.filled for w in wins], device=dev)
+            q_mask = torch.arange(W, device=dev)[None, :] >= (W - filled)[:, None]  # newest at the end
+            return queries, q_pos, q_mask
+        # every query of this step (stateful policies fold them in step by step)
+        W = max(m.n for m in members)
+        H_q, D = q.shape[1], q.shape[2]
+        queries = q.new_zeros(len(members), W, H_q, D)
+        q_pos = torch.zeros(len(members), W, dtype=torch.int64, device=dev)
+        q_mask = torch.zeros(len(members), W, dtype=torch.bool, device=dev)
+        for i, m in enumerate(members):
+            s, e = meta.query_start[m.b], meta.query_start[m.b + 1]
+            queries[i, : m.n] = q[s:e]
+            q_pos[i, : m.n] = meta.positions[s:e]
+            q_mask[i, : m.n] = True
+        return queries.permute(0, 2, 1, 3), q_pos, q_mask
+
+    # ---- after the forward -------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Lower the held lengths of the layers that evicted (after the step's commit)."""
+        for rid, lens in self.new_lens.items():
+            cur = self.cache.seqs[rid].lens
+            self.cache.set_lens(rid, [c if n is None else n for c, n in zip(cur, lens)])

@@ -1,0 +1,81 @@
+"""Capacity planning: how many requests of a shape fit on a GPU, with and without eviction.
+
+Pure arithmetic over the model's config; nothing is loaded. ``batchmax plan`` prints it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.footprint import footprint_tokens
+from engine.kv_cache import KVCache
+from engine.models.llama import ModelSpec
+
+
+def weight_bytes(spec: ModelSpec, elem: int) -> int:
+    h, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * spec.intermediate_size + 2 * h
+    embed = spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
+    return (spec.num_layers * per_layer + embed + h) * elem
+
+
+@dataclass
+class PlanRow:
+    label: str
+    footprint_tokens: int
+    footprint_bytes: int
+    max_batch: int
+
+
+@dataclass
+class Plan:
+    spec: ModelSpec
+    kv_bytes_per_token: int
+    weights_bytes: int
+    pool_bytes: int
+    pool_tokens: int
+    rows: list[PlanRow]
+
+    def table(self) -> str:
+        s = self.spec
+        gib = 2**30
+        lines = [
+            f"model: {s.model_type}, {s.num_layers} layers, {s.num_heads} query / {s.num_kv_heads} KV heads x {s.head_dim}",
+            f"KV per token: {self.kv_bytes_per_token:,} bytes ({self.kv_bytes_per_token / 1024:.1f} KiB, K+V of every layer plus positions)",
+            f"weights {self.weights_bytes / gib:.1f} GiB; KV pool {self.pool_bytes / gib:.1f} GiB = {self.pool_tokens:,} tokens per layer",
+            "",
+            f"| {'cache':<18} | {'footprint (tokens)':>18} | {'footprint (MiB)':>15} | {'max concurrent requests':>23} |",
+            f"|{'-' * 20}|{'-' * 19}:|{'-' * 16}:|{'-' * 24}:|",
+        ]
+        for r in self.rows:
+            lines.append(f"| {r.label:<18} | {r.footprint_tokens:>18,} | {r.footprint_bytes / 2**20:>15,.1f} | {r.max_batch:>23,} |")
+        return "\n".join(lines)
+
+
+def make_plan(
+    spec: ModelSpec,
+    gpu_mem_gb: float,
+    prompt_len: int,
+    max_tokens: int,
+    budgets: list[int],
+    chunk: int,
+    dtype: torch.dtype = torch.bfloat16,
+    reserve_gb: float = 2.0,
+    block_size: int = 16,
+    evict_decode_every: int = 0,
+) -> Plan:
+    """``reserve_gb``: activations and allocator slack kept out of the pool."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = KVCache.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype)
+    weights = weight_bytes(spec, elem)
+    pool = max(0, int(gpu_mem_gb * 1e9) - weights - int(reserve_gb * 2**30))
+    pool_tokens = pool // per_token // block_size * block_size
+
+    def row(label: str, budget: int | None) -> PlanRow:
+        fp = footprint_tokens(prompt_len, max_tokens, budget, chunk, evict_decode_every)
+        blocks = -(-fp // block_size)
+        return PlanRow(label, fp, fp * per_token, pool_tokens // block_size // blocks)
+
+    rows = [row("full", None)] + [row(f"budget {b}", b) for b in budgets]
+    return Plan(spec, per_token, weights, pool, pool_tokens, rows)
