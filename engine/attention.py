@@ -62,15 +62,16 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: in
     Returns (n, H_q, D)."""
     n, hq, _ = q.shape
     t, hkv, _ = k.shape
-    if hq != hkv:  # GQA: each KV head serves hq // hkv query heads
-        k = k.repeat_interleave(hq // hkv, dim=1)
-        v = v.repeat_interleave(hq // hkv, dim=1)
     qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, n|T, D)
+    # Without a mask SDPA groups query heads itself (GQA); a mask needs whole heads.
     if n == 1:
-        out = F.scaled_dot_product_attention(qt, kt, vt)
+        out = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=hq != hkv)
     elif num_cached == 0:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=hq != hkv)
     else:
+        if hq != hkv:
+            kt = kt.repeat_interleave(hq // hkv, dim=0)
+            vt = vt.repeat_interleave(hq // hkv, dim=0)
         mask = torch.arange(t, device=q.device)[None, :] <= (num_cached + torch.arange(n, device=q.device))[:, None]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
     return out.transpose(0, 1)

@@ -91,6 +91,10 @@ class EngineConfig:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``."""
     dtype: str = "auto"
     """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
+    load_format: str = "auto"
+    """``auto`` reads the checkpoint; ``dummy`` initialises random weights (benchmarks)."""
+    skip_tokenizer_init: bool = False
+    """Run without a tokenizer: prompts must be token ids and outputs carry no text."""
     seed: int = 0
     """Seeds the generators of requests that carry no seed of their own."""
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -100,6 +104,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"unknown load_format {self.load_format!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"unknown device {self.device!r}")
 

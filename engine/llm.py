@@ -11,10 +11,10 @@ from engine.sampling import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | None = None, load_weights: bool = True, **kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         """``kwargs`` are engine options by field name: ``chunk_size``, ``max_num_seqs``,
         ``num_tokens``, ``kv_policy``, ``device``, ``dtype`` ... (see ``engine.config``)."""
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs), load_weights=load_weights)
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
         self._ids = itertools.count()
 
     @property
