@@ -189,6 +189,7 @@ class LLMEngine:
                 row_owner.append((req, "sample", 0))
             offset += n
         logits, evicted = self.runner.execute(self.cache, reqs, num_new, rows, self.windows)
+        now = time.monotonic()  # tokens of this step exist from here on
         self._stats.kv_tokens_evicted_total += evicted
         for req, n in zip(reqs, num_new):
             req.num_computed_tokens += n

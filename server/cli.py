@@ -17,6 +17,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-policy", default="full", help="default eviction policy")
     p.add_argument("--kv-budget", type=int, default=None, help="default tokens kept per layer and KV head")
+    p.add_argument("--evict-decode-every", type=int, default=0, help="also evict every k decode steps (0: prefill only)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -32,6 +33,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         kv_policy=args.kv_policy,
         kv_budget=args.kv_budget,
+        evict_decode_every=args.evict_decode_every,
         seed=args.seed,
     )
 
@@ -61,16 +63,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from server.settings import ServerSettings
 
-    settings = ServerSettings(
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key or os.environ.get("BATCHMAX_API_KEY") or None,
-        served_model_name=args.served_model_name,
-        max_queued=args.max_queued,
-        shutdown_timeout=args.shutdown_timeout,
-        log_level=args.log_level,
-    )
-    config = EngineConfig.from_kwargs(**engine_kwargs(args))  # bad options fail here, before the port opens
+    try:  # bad options fail here, before the port opens
+        settings = ServerSettings(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or os.environ.get("BATCHMAX_API_KEY") or None,
+            served_model_name=args.served_model_name,
+            max_queued=args.max_queued,
+            shutdown_timeout=args.shutdown_timeout,
+            log_level=args.log_level,
+        )
+        config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    except (ValueError, TypeError) as exc:
+        print(f"batchmax serve: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def load():

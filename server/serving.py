@@ -1,0 +1,648 @@
+"""Completion and chat handlers: OpenAI request -> engine requests -> OpenAI response or SSE.
+
+One API call becomes ``len(prompts) * n`` engine requests added together (all accepted or
+none); choice ``i * n + j`` is prompt ``i``'s ``j``-th sample, seeded ``seed + j`` when a seed
+is given. The engine's text is cumulative and already safe to show (no incomplete UTF-8, stop
+strings held back until decided), so a streaming delta is just the new suffix.
+
+Disconnects: a non-streaming call races its generation against the client's
+``http.disconnect``; a streaming call runs in ``SSEResponse``, which does the same. Either way
+the losing generation is cancelled and its ``OutputStream`` closed, which aborts the engine
+requests and frees their KV before the engine's next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.responses import StreamingResponse
+
+from engine.async_engine import EngineDeadError, OutputStream
+from engine.outputs import RequestOutput
+from engine.request import TokenLogprob
+from engine.sampling import SamplingParams
+from server.metrics import RequestTracker
+from server.protocol import (
+    APIError,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    TopLogprob,
+    UsageInfo,
+    bad_request,
+    validation_error_to_api,
+)
+
+if TYPE_CHECKING:
+    from server.app import ServerContext
+
+logger = logging.getLogger("batchmax.server")
+
+DONE = "data: [DONE]\n\n"
+MIN_LOGPROB = -9999.0  # what OpenAI sends for -inf (JSON has no infinity)
+
+
+# ----------------------------------------------------------------------------- wire helpers
+def sse(obj: Any) -> str:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump()
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """Validate a JSON body; every failure is an OpenAI-style 400 (never FastAPI's 422)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            raise bad_request(
+                "We could not parse the JSON body of your request. The body must be a JSON object.",
+                code="invalid_json",
+            ) from None
+        raise validation_error_to_api(exc) from None
+
+
+async def wait_disconnect(receive: Callable) -> None:
+    """Returns when the client has gone (the request body must already be consumed)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def until_disconnect(request: Request, coro) -> Any:
+    """Run ``coro`` unless the client disconnects first (then cancel it, raise ClientGone)."""
+    task = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone()
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+class SSEResponse(StreamingResponse):
+    """``text/event-stream`` from an async generator of already framed events.
+
+    Unlike a plain StreamingResponse it always closes its generator when it ends, however it
+    ends (finished, client gone, server shutting down), so the generator's ``finally`` can
+    abort the engine requests at once; and it listens for the client's disconnect itself
+    (uvicorn silently drops writes to a closed connection, so writing cannot tell)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.events = events
+        self.on_close: list[Callable[[], None]] = []
+
+    async def _pump(self, send) -> None:
+        async for event in self.events:
+            # each event goes out in one piece: a client never sees half an event (or half
+            # a UTF-8 character)
+            await send({"type": "http.response.body", "body": event.encode("utf-8"), "more_body": True})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            pump = asyncio.ensure_future(self._pump(send))
+            watch = asyncio.ensure_future(wait_disconnect(receive))
+            try:
+                await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (pump, watch):
+                    if not t.done():
+                        t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+            if not pump.cancelled() and pump.exception() is None:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif not pump.cancelled():
+                logger.error("SSE stream failed", exc_info=pump.exception())
+        finally:
+            with contextlib.suppress(Exception):
+                await self.events.aclose()
+            for cb in self.on_close:
+                cb()
+
+
+# ----------------------------------------------------------------------------- token strings
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: every byte as a printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class TokenStrings:
+    """A token's text and raw bytes, as OpenAI shows them in logprobs (cached)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self._text: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
+        byte_level = False
+        with contextlib.suppress(Exception):
+            byte_level = type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel"
+        self._byte_decoder = {c: b for b, c in _bytes_to_unicode().items()} if byte_level else None
+
+    def text(self, tid: int) -> str:
+        s = self._text.get(tid)
+        if s is None:
+            s = self._text[tid] = self.tok.decode([tid], skip_special_tokens=False) if self.tok is not None else f"token_id:{tid}"
+        return s
+
+    def bytes(self, tid: int) -> list[int]:
+        b = self._bytes.get(tid)
+        if b is None:
+            piece = self.tok.convert_ids_to_tokens(tid) if self._byte_decoder is not None else None  # byte-level only
+            if piece is not None and all(c in self._byte_decoder for c in piece):
+                b = [self._byte_decoder[c] for c in piece]  # exact, even for part of a character
+            else:
+                b = list(self.text(tid).encode("utf-8"))
+            self._bytes[tid] = b
+        return b
+
+
+def _lp(v: float) -> float:
+    return max(float(v), MIN_LOGPROB)
+
+
+# ----------------------------------------------------------------------------- serving
+@dataclass
+class _Choice:
+    index: int
+    prompt_idx: int
+    request_id: str
+    tracker: RequestTracker
+    sent_text: str = ""
+    sent_tokens: int = 0
+    text_offset: int = 0
+    started: bool = False
+    final: RequestOutput | None = None
+
+
+# the request parameter an engine message is about: (pattern, parameter)
+_PARAM_HINTS = [(r"\bkv[_ ]policy\b|\bpolicy\b", "kv_policy"), (r"\bkv[_ ]budget\b|\bbudget\b", "kv_budget")] + [
+    (rf"\b{name}\b", name) for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "logprobs", "prompt_logprobs", "stop", "seed")
+]
+
+
+def engine_error(exc: ValueError, prompt_param: str) -> APIError:
+    """The engine's (or SamplingParams') ValueError as a 400 naming the parameter."""
+    msg = str(exc)
+    low = msg.lower()
+    if "context length" in low:
+        return bad_request(msg, param=prompt_param, code="context_length_exceeded")
+    if "token id" in low or "prompt" in low:
+        return bad_request(msg, param=prompt_param, code="invalid_value")
+    # the parameter named first (messages read "min_tokens (9) must not exceed max_tokens (4)")
+    found = [(m.start(), name) for pattern, name in _PARAM_HINTS if (m := re.search(pattern, msg, re.IGNORECASE))]
+    return bad_request(msg, param=min(found)[1] if found else None, code="invalid_value")
+
+
+class OpenAIServing:
+    def __init__(self, ctx: "ServerContext") -> None:
+        self.ctx = ctx
+        self.tokens = TokenStrings(ctx.tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.ctx.model_name
+
+    def tokenizer(self, param: str):
+        """The tokenizer, or a 400 when the engine runs without one (shape-only benchmark
+        models): then only token-id prompts are served."""
+        if self.ctx.tokenizer is None:
+            raise bad_request("This server runs without a tokenizer: send token ids to /v1/completions.", param=param)
+        return self.ctx.tokenizer
+
+    # ---------------------------------------------------------------- shared
+    def _context_check(self, prompt_len: int, max_tokens: int, param: str) -> None:
+        limit = self.ctx.max_model_len
+        if prompt_len + max_tokens > limit:
+            where = "messages" if param == "messages" else "prompt"
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {where}, {max_tokens} in the completion). "
+                "Please reduce the length of the prompt or the completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def _params(self, body, max_tokens: int, j: int, logprobs: int | None, prompt_logprobs: int | None, param: str) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                min_tokens=body.min_tokens,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=0 if body.top_k is None else body.top_k,
+                seed=None if body.seed is None else body.seed + j,
+                stop_token_ids=list(body.stop_token_ids or []),
+                stop=body.stop_list,
+                ignore_eos=body.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                kv_policy=body.kv_policy,
+                kv_budget=body.kv_budget,
+            )
+        except ValueError as exc:
+            raise engine_error(exc, param) from None
+
+    def _check_common(self, body) -> None:
+        problem = body.unsupported()
+        if problem:
+            raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")
+        if body.n > self.ctx.settings.max_n:
+            raise bad_request(f"n must be at most {self.ctx.settings.max_n}, got {body.n}", param="n")
+
+    async def _submit(self, subs: list[tuple[str, list[int], SamplingParams]], param: str) -> OutputStream:
+        try:
+            return await self.ctx.engine.add(subs)
+        except ValueError as exc:
+            raise engine_error(exc, param) from None
+        except EngineDeadError:
+            raise APIError(503, "The engine is not running.", "server_error", code="engine_unavailable") from None
+
+    def _choices(self, request_id: str, num_prompts: int, n: int, start: float) -> list[_Choice]:
+        return [
+            _Choice(i * n + j, i, f"{request_id}-{i}-{j}", self.ctx.metrics.tracker(start))
+            for i in range(num_prompts)
+            for j in range(n)
+        ]
+
+    @staticmethod
+    def _failure(out: RequestOutput) -> APIError | None:
+        if out.finish_reason == "abort":
+            return APIError(503, "The request was aborted: the server is shutting down.", "server_error", code="aborted")
+        if out.finish_reason == "error":
+            return APIError(500, f"The engine failed while running the request ({out.error or 'unknown error'}).", "server_error", code="engine_error")
+        return None
+
+    async def _collect(self, stream: OutputStream, by_rid: dict[str, _Choice]) -> None:
+        while not stream.finished:
+            for out, t in await stream.next_batch():
+                ch = by_rid[out.request_id]
+                ch.tracker.observe(out, t)
+                if out.finished:
+                    ch.final = out
+
+    async def _run_to_end(self, request: Request, stream: OutputStream, choices: list[_Choice]) -> None:
+        """Non-streaming: wait for every choice, unless the client leaves first."""
+        by_rid = {c.request_id: c for c in choices}
+        try:
+            await until_disconnect(request, self._collect(stream, by_rid))
+        finally:
+            stream.close()
+            for c in choices:
+                c.tracker.finish("abort")  # no-op for those that finished
+        for c in choices:
+            err = self._failure(c.final)
+            if err:
+                raise err
+
+    async def _events(self, stream: OutputStream, choices: list[_Choice], render: Callable[[_Choice, RequestOutput], list[str]], head: list[str], usage: Callable[[], str | None]) -> AsyncGenerator[str, None]:
+        """The SSE body shared by completions and chat: ``render`` turns an output into
+        events; failures end the stream with an error event, as vLLM does."""
+        by_rid = {c.request_id: c for c in choices}
+        try:
+            for event in head:
+                yield event
+            while not stream.finished:
+                for out, t in await stream.next_batch():
+                    ch = by_rid[out.request_id]
+                    ch.tracker.observe(out, t)
+                    err = self._failure(out) if out.finished else None
+                    if err:
+                        yield sse(err.body())
+                        yield DONE
+                        return
+                    if out.finished:
+                        ch.final = out
+                    for event in render(ch, out):
+                        yield event
+            tail = usage()
+            if tail:
+                yield tail
+            yield DONE
+        except Exception as exc:  # a bug must not hang the client: end the stream with an error
+            logger.exception("streaming failed")
+            yield sse(APIError(500, f"internal error: {type(exc).__name__}", "server_error").body())
+            yield DONE
+        finally:
+            stream.close()
+            for c in choices:
+                c.tracker.finish("abort")
+
+    # ---------------------------------------------------------------- completions
+    def _tokenize_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
+        p = body.prompt
+        if isinstance(p, str):
+            p = [p]
+        elif p and isinstance(p[0], int):
+            p = [p]
+        ids, texts = [], []
+        for item in p:
+            if isinstance(item, str):
+                ids.append(self.tokenizer("prompt").encode(item, add_special_tokens=body.add_special_tokens))
+                texts.append(item)
+            else:
+                ids.append(list(item))
+                texts.append(None)  # decoded lazily, only for echo
+        return ids, texts
+
+    async def create_completion(self, body: CompletionRequest, request: Request) -> Response:
+        start = time.monotonic()
+        self._check_common(body)
+        if body.suffix:
+            raise bad_request("'suffix' is not supported by this server.", param="suffix", code="unsupported_parameter")
+        if body.best_of is not None and body.best_of != body.n:
+            raise bad_request("'best_of' other than n is not supported by this server.", param="best_of", code="unsupported_parameter")
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        if max_tokens == 0 and not body.echo:
+            raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo).", param="max_tokens", code="invalid_value")
+        # max_tokens 0 with echo scores the prompt: generate one token, show none
+        score_only = max_tokens == 0
+        prompts, texts = self._tokenize_prompts(body)
+        for ids in prompts:
+            if not ids:
+                raise bad_request("The prompt is empty.", param="prompt", code="invalid_value")
+            self._context_check(len(ids), max_tokens, "prompt")
+        prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        choices = self._choices(request_id, len(prompts), body.n, start)
+        subs = [(c.request_id, prompts[c.prompt_idx], self._params(body, max(1, max_tokens), c.index % body.n, body.logprobs, prompt_lp, "prompt")) for c in choices]
+        stream = await self._submit(subs, "prompt")
+        created = int(time.time())
+        view = _CompletionView(self, body, prompts, texts, score_only)
+
+        def usage_info() -> UsageInfo:
+            completion = sum(len(view.gen_ids(c.final)) for c in choices if c.final is not None)
+            prompt = sum(len(p) for p in prompts)
+            return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+        if body.stream:
+            def chunk(index: int, text: str, logprobs, finish_reason) -> str:
+                obj = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
+                       "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+                if body.include_usage:
+                    obj["usage"] = None
+                return sse(obj)
+
+            def render(ch: _Choice, out: RequestOutput) -> list[str]:
+                text, lp = view.delta(ch, out)
+                if not text and lp is None and not out.finished:
+                    return []
+                return [chunk(ch.index, text, lp, view.finish_reason(out) if out.finished else None)]
+
+            def usage() -> str | None:
+                if not body.include_usage:
+                    return None
+                return sse({"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
+                            "choices": [], "usage": usage_info().model_dump()})
+
+            return SSEResponse(self._events(stream, choices, render, [], usage))
+
+        await self._run_to_end(request, stream, choices)
+        resp = CompletionResponse(
+            id=request_id, created=created, model=self.model_name,
+            choices=[CompletionChoice(index=c.index, text=view.full_text(c), logprobs=view.full_logprobs(c), finish_reason=view.finish_reason(c.final)) for c in choices],
+            usage=usage_info(),
+        )
+        return JSONResponse(resp.model_dump())
+
+    # ---------------------------------------------------------------- chat
+    def _chat_prompt(self, messages: list[dict], body) -> list[int]:
+        tok = self.tokenizer("messages")
+        if not getattr(tok, "chat_template", None):
+            raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
+        cont = getattr(body, "continue_final_message", False)
+        try:
+            text = tok.apply_chat_template(
+                messages, tokenize=False,
+                add_generation_prompt=getattr(body, "add_generation_prompt", True) and not cont,
+                **({"continue_final_message": True} if cont else {}),
+                **(getattr(body, "chat_template_kwargs", None) or {}),
+            )
+        except Exception as exc:  # jinja errors: the messages do not fit the template
+            raise bad_request(f"The messages could not be formatted with the chat template: {exc}", param="messages") from None
+        # the template already holds the special tokens
+        return tok.encode(text, add_special_tokens=False)
+
+    @staticmethod
+    def chat_messages(body) -> list[dict]:
+        out = []
+        for i, m in enumerate(body.messages):
+            try:
+                msg = {"role": m.role, "content": m.text()}
+            except ValueError as exc:
+                raise bad_request(str(exc), param=f"messages.{i}.content", code="invalid_value") from None
+            if m.name:
+                msg["name"] = m.name
+            out.append(msg)
+        return out
+
+    async def create_chat_completion(self, body: ChatCompletionRequest, request: Request) -> Response:
+        start = time.monotonic()
+        self._check_common(body)
+        prompt_ids = self._chat_prompt(self.chat_messages(body), body)
+        if not prompt_ids:
+            raise bad_request("The messages are empty.", param="messages")
+        max_tokens = body.max_new_tokens
+        if max_tokens is None:  # OpenAI's default: whatever the context leaves
+            max_tokens = self.ctx.max_model_len - len(prompt_ids)
+            if max_tokens < 1:
+                self._context_check(len(prompt_ids), 1, "messages")
+        self._context_check(len(prompt_ids), max_tokens, "messages")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = self._choices(request_id, 1, body.n, start)
+        subs = [(c.request_id, prompt_ids, self._params(body, max_tokens, c.index, top, None, "messages")) for c in choices]
+        stream = await self._submit(subs, "messages")
+        created = int(time.time())
+
+        def usage_info() -> UsageInfo:
+            completion = sum(len(c.final.token_ids) for c in choices if c.final is not None)
+            return UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion)
+
+        if body.stream:
+            def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+                obj = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                       "system_fingerprint": None,
+                       "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+                if body.include_usage:
+                    obj["usage"] = None
+                return sse(obj)
+
+            def render(ch: _Choice, out: RequestOutput) -> list[str]:
+                events = []
+                text = _suffix(out.text, ch.sent_text)
+                ch.sent_text = out.text if out.text.startswith(ch.sent_text) else ch.sent_text
+                lp = None
+                if top is not None and len(out.logprobs) > ch.sent_tokens:
+                    lp = {"content": [self._chat_lp(e, top).model_dump() for e in out.logprobs[ch.sent_tokens:]], "refusal": None}
+                    ch.sent_tokens = len(out.logprobs)
+                if text or lp:
+                    events.append(chunk(ch.index, {"content": text}, lp))
+                if out.finished:
+                    events.append(chunk(ch.index, {}, None, out.finish_reason))
+                return events
+
+            def usage() -> str | None:
+                if not body.include_usage:
+                    return None
+                return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                            "system_fingerprint": None, "choices": [], "usage": usage_info().model_dump()})
+
+            head = [chunk(c.index, {"role": "assistant", "content": ""}) for c in choices]
+            return SSEResponse(self._events(stream, choices, render, head, usage))
+
+        await self._run_to_end(request, stream, choices)
+        resp = ChatCompletionResponse(
+            id=request_id, created=created, model=self.model_name,
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(content=c.final.text),
+                    logprobs=ChatChoiceLogprobs(content=[self._chat_lp(e, top) for e in c.final.logprobs]) if top is not None else None,
+                    finish_reason=c.final.finish_reason,
+                )
+                for c in choices
+            ],
+            usage=usage_info(),
+        )
+        return JSONResponse(resp.model_dump())
+
+    def _chat_lp(self, e: TokenLogprob, top: int) -> ChatTokenLogprob:
+        ts = self.tokens
+        return ChatTokenLogprob(
+            token=ts.text(e.token_id), logprob=_lp(e.logprob), bytes=ts.bytes(e.token_id),
+            top_logprobs=[TopLogprob(token=ts.text(i), logprob=_lp(v), bytes=ts.bytes(i)) for i, v in e.top[:top]],
+        )
+
+
+def _suffix(text: str, sent: str) -> str:
+    """What ``text`` adds to what was already sent. The engine's text only grows (it holds
+    back what it might retract), so this is a plain suffix; if it ever did not, nothing is
+    re-sent rather than sending text that contradicts what the client has."""
+    if text.startswith(sent):
+        return text[len(sent):]
+    logger.warning("engine text is not an extension of what was streamed; dropping the difference")
+    return ""
+
+
+class _CompletionView:
+    """Text and logprobs of completion choices, including echo and score-only requests."""
+
+    def __init__(self, serving: OpenAIServing, body: CompletionRequest, prompts: list[list[int]], texts: list[str | None], score_only: bool) -> None:
+        self.s = serving
+        self.body = body
+        self.prompts = prompts
+        self.texts = texts
+        self.score_only = score_only
+
+    def prompt_text(self, i: int) -> str:
+        if self.texts[i] is None:
+            tok = self.s.ctx.tokenizer
+            self.texts[i] = tok.decode(self.prompts[i], skip_special_tokens=False) if tok is not None else ""
+        return self.texts[i]
+
+    def gen_ids(self, out: RequestOutput) -> list[int]:
+        return [] if self.score_only else out.token_ids
+
+    def gen_text(self, out: RequestOutput) -> str:
+        return "" if self.score_only else out.text
+
+    def finish_reason(self, out: RequestOutput) -> str:
+        return "length" if self.score_only else out.finish_reason
+
+    def _entries(self, ch: _Choice, out: RequestOutput, start: int, echo: bool) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
+        entries = []
+        if echo:
+            plp = out.prompt_logprobs
+            for k, tid in enumerate(self.prompts[ch.prompt_idx]):
+                e = plp[k] if k < len(plp) else None
+                entries.append((tid, None, None) if e is None else (tid, e.logprob, e.top))
+        if not self.score_only:
+            for e in out.logprobs[start:]:
+                entries.append((e.token_id, e.logprob, e.top))
+        return entries
+
+    def _logprobs(self, ch: _Choice, entries) -> CompletionLogProbs:
+        ts = self.s.tokens
+        lp = CompletionLogProbs()
+        for tid, logprob, top in entries:
+            s = ts.text(tid)
+            lp.tokens.append(s)
+            lp.text_offset.append(ch.text_offset)
+            ch.text_offset += len(s)
+            if logprob is None:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
+            lp.token_logprobs.append(_lp(logprob))
+            alts = {ts.text(i): _lp(v) for i, v in top or []}
+            alts.setdefault(s, _lp(logprob))  # the chosen token is always listed, as in vLLM
+            lp.top_logprobs.append(alts)
+        return lp
+
+    def full_text(self, ch: _Choice) -> str:
+        return (self.prompt_text(ch.prompt_idx) if self.body.echo else "") + self.gen_text(ch.final)
+
+    def full_logprobs(self, ch: _Choice) -> CompletionLogProbs | None:
+        if self.body.logprobs is None:
+            return None
+        return self._logprobs(ch, self._entries(ch, ch.final, 0, self.body.echo))
+
+    def delta(self, ch: _Choice, out: RequestOutput) -> tuple[str, dict | None]:
+        """Text and logprobs this output adds for the client (streaming)."""
+        echo = self.body.echo and not ch.started
+        ch.started = True
+        gen = self.gen_text(out)
+        text = _suffix(gen, ch.sent_text)
+        if gen.startswith(ch.sent_text):
+            ch.sent_text = gen
+        if echo:
+            text = self.prompt_text(ch.prompt_idx) + text
+        lp = None
+        if self.body.logprobs is not None:
+            entries = self._entries(ch, out, ch.sent_tokens, echo)
+            ch.sent_tokens = len(out.logprobs)
+            if entries:
+                lp = self._logprobs(ch, entries).model_dump()
+        return text, lp

@@ -1,0 +1,36 @@
+"""Settings of the HTTP server (the engine has its own ``EngineConfig``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """When set, every route but ``/health``, ``/version`` and ``/metrics`` needs
+    ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``); otherwise 401."""
+    served_model_name: str | None = None
+    """The model id clients name; ``None``: the engine's ``model_name``."""
+    max_queued: int = 1024
+    """Most requests waiting for admission (not yet running): a call arriving while this many
+    wait is answered 503 with ``Retry-After`` instead of letting the queue, and latency, grow
+    without bound."""
+    retry_after_s: int = 1
+    """The ``Retry-After`` value sent with 503 answers."""
+    shutdown_timeout: float = 30.0
+    """On SIGTERM: seconds in-flight requests get to finish before they are aborted."""
+    max_n: int = 128
+    """Largest ``n`` (choices per prompt) accepted."""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queued < 1:  # 0 would refuse everything: each new request waits a moment
+            raise ValueError(f"max_queued must be >= 1, got {self.max_queued}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.max_n < 1:
+            raise ValueError("max_n must be >= 1")

@@ -1,0 +1,222 @@
+"""Raw HTTP: SSE framing byte for byte, OpenAI error bodies and status codes, auth, misc routes."""
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def events(raw: bytes) -> list[bytes]:
+    """Split an SSE body into its events, checking the framing on the way."""
+    assert raw.endswith(b"\n\n"), raw[-50:]
+    parts = raw[:-2].split(b"\n\n")
+    for p in parts:
+        assert p.startswith(b"data: ") and b"\n" not in p, p
+    return [p[len(b"data: "):] for p in parts]
+
+
+def post(server, path, body=None, content=None, **kw):
+    return httpx.post(server.url + path, json=body, content=content, timeout=60, **kw)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = "unset", code: str | None = "unset") -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if param != "unset":
+        assert body["error"]["param"] == param, body
+    if code != "unset":
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+# ----------------------------------------------------------------------------- SSE
+def test_sse_framing_completions(server, model_id):
+    body = {"model": model_id, "prompt": "Frame me", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "n": 2,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read()
+    evs = events(raw)
+    assert evs[-1] == b"[DONE]"
+    chunks = [json.loads(e.decode("utf-8")) for e in evs[:-1]]  # strict UTF-8 per event
+    ids = {c["id"] for c in chunks}
+    assert len(ids) == 1 and next(iter(ids)).startswith("cmpl-")
+    *deltas, usage = chunks
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": usage["usage"]["prompt_tokens"], "completion_tokens": 12,
+                                                          "total_tokens": usage["usage"]["prompt_tokens"] + 12}
+    for c in deltas:
+        assert c["object"] == "text_completion" and c["model"] == model_id and "usage" in c and c["usage"] is None
+        assert len(c["choices"]) == 1 and set(c["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
+    finished = [c["choices"][0]["index"] for c in deltas if c["choices"][0]["finish_reason"] == "length"]
+    assert sorted(finished) == [0, 1]
+
+
+def test_sse_framing_chat_without_usage(server, model_id):
+    body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    r = post(server, "/v1/chat/completions", body)
+    evs = events(r.content)
+    assert evs[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in evs[:-1]]
+    assert all("usage" not in c for c in chunks)  # only when stream_options.include_usage
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_streamed_text_is_always_complete_utf8(server, model_id):
+    """Sampled text from a random model hits multi-byte characters split over tokens; no
+    event may carry half a character (U+FFFD) and the concatenation must equal the
+    non-streamed text."""
+    fulls = []
+    for seed in range(4):
+        body = {"model": model_id, "prompt": "ünïcödé 漢字 🙂", "max_tokens": 40, "temperature": 1.0, "seed": seed, "ignore_eos": True}
+        full = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+        raw = post(server, "/v1/completions", {**body, "stream": True}).content
+        deltas = [json.loads(e.decode("utf-8"))["choices"][0]["text"] for e in events(raw)[:-1]]
+        assert "".join(deltas) == full
+        if "\ufffd" not in full:
+            assert all("\ufffd" not in d for d in deltas)
+        fulls.append(full)
+    assert any(ord(c) > 127 for full in fulls for c in full)  # multi-byte characters were exercised
+
+
+# ----------------------------------------------------------------------------- errors
+def test_malformed_json(server):
+    for content in (b'{"prompt": "x", ', b"", b"not json", b"\xff\xfe"):
+        assert_error(post(server, "/v1/completions", content=content, headers={"content-type": "application/json"}), 400, code="invalid_json")
+    assert_error(post(server, "/v1/completions", content=b"[1, 2]"), 400)  # JSON, but not an object
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+        ("/v1/completions", {"prompt": 5}, "prompt"),
+        ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+        ("/v1/completions", {"prompt": "x", "n": 1.5}, "n"),
+        ("/v1/completions", {"prompt": "x", "stop": 3}, "stop"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+        ("/v1/completions", {"prompt": "x", "temperature": 2.5}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 50}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "kv_budget": 0}, "kv_budget"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 9}, "min_tokens"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+        ("/v1/completions", {}, "prompt"),
+        ("/v1/completions", {"prompt": []}, "prompt"),
+        ("/v1/completions", {"prompt": [1, 2, 10**9]}, "prompt"),
+        ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, "max_completion_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content"),
+    ],
+)
+def test_bad_parameters_are_400(server, path, body, param):
+    err = assert_error(post(server, path, body), 400, param=param)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_prompt_over_the_context(server, model_id):
+    ctx = httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"]
+    err = assert_error(post(server, "/v1/completions", {"prompt": [5] * (ctx - 10), "max_tokens": 100}), 400,
+                       param="prompt", code="context_length_exceeded")
+    for n in (ctx, ctx - 10, 100, ctx + 90):
+        assert str(n) in err["message"]
+    err = assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" + " x" * ctx}]}), 400,
+                       param="messages", code="context_length_exceeded")
+    assert str(ctx) in err["message"]
+
+
+def test_unknown_model_is_404(server):
+    err = assert_error(post(server, "/v1/completions", {"model": "gpt-17", "prompt": "x"}), 404, param="model", code="model_not_found")
+    assert "gpt-17" in err["message"]
+    assert_error(post(server, "/v1/chat/completions", {"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]}), 404)
+    assert_error(httpx.get(server.url + "/v1/models/gpt-17"), 404)
+
+
+def test_unknown_route_and_method(server):
+    assert_error(httpx.get(server.url + "/v1/nothing-here"), 404)
+    assert_error(httpx.get(server.url + "/v1/completions"), 405)
+
+
+def test_errors_do_not_harm_a_stream_in_flight(server, model_id):
+    body = {"model": model_id, "prompt": "steady", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+    expected = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    got = {}
+
+    def stream():
+        got["raw"] = post(server, "/v1/completions", {**body, "stream": True}).content
+
+    t = threading.Thread(target=stream)
+    t.start()
+    for _ in range(5):
+        assert_error(post(server, "/v1/completions", content=b"{oops"), 400)
+        assert_error(post(server, "/v1/completions", {"prompt": "x", "kv_policy": "bogus"}), 400, param="kv_policy")
+        assert_error(post(server, "/v1/completions", {"prompt": [99999999]}), 400)
+        assert_error(post(server, "/v1/completions", {"prompt": "x", "model": "nope"}), 404)
+    t.join(60)
+    evs = events(got["raw"])
+    assert evs[-1] == b"[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in evs[:-1]) == expected
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ----------------------------------------------------------------------------- auth
+def test_api_key(small_server):
+    url = small_server.url
+    body = {"prompt": "x", "max_tokens": 2}
+    err = assert_error(httpx.post(url + "/v1/completions", json=body), 401, code="invalid_api_key")
+    assert "key" in err["message"].lower()
+    assert_error(httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+    assert_error(httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sekri"}), 401)
+    assert_error(httpx.post(url + "/tokenize", json={"prompt": "x"}), 401)
+    assert httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer sekrit"}, timeout=60).status_code == 200
+    assert httpx.get(url + "/v1/models", headers={"x-api-key": "sekrit"}).status_code == 200
+    for open_path in ("/health", "/metrics", "/version"):
+        assert httpx.get(url + open_path).status_code == 200
+
+
+def test_api_key_with_openai_client(small_server):
+    import openai
+
+    bad = openai.OpenAI(base_url=small_server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    good = openai.OpenAI(base_url=small_server.url + "/v1", api_key="sekrit", max_retries=0)
+    assert len(good.models.list().data) == 1
+
+
+# ----------------------------------------------------------------------------- misc routes
+def test_health_version_models(server, model_id):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert isinstance(httpx.get(server.url + "/version").json()["version"], str)
+    card = httpx.get(server.url + f"/v1/models/{model_id}").json()
+    assert card["id"] == model_id and card["object"] == "model" and card["max_model_len"] > 0
+
+
+def test_tokenize_detokenize(server):
+    r = post(server, "/tokenize", {"prompt": "Hello tokenizer"}).json()
+    assert r["count"] == len(r["tokens"]) > 0 and r["max_model_len"] > 0
+    assert post(server, "/detokenize", {"tokens": r["tokens"]}).json()["prompt"] == "Hello tokenizer"
+    chat = post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > r["count"]  # the template adds its markup
+    assert_error(post(server, "/detokenize", {"tokens": [-1]}), 400, param="tokens")
+    assert_error(post(server, "/tokenize", {}), 400)
