@@ -21,6 +21,9 @@ class CacheConfig:
     """Tokens per block. Every request's per-layer cache is a list of such blocks."""
     num_tokens: int | None = None
     """Pool capacity in tokens per layer. ``None``: size it from ``memory_fraction``."""
+    host_kv_tokens: int | None = None
+    """Capacity of recall's host store (pinned CPU memory), tokens per layer. ``None``: a
+    quarter of available RAM, at most as many tokens as the GPU pool, made on first use."""
     memory_fraction: float = 0.9
     """When ``num_tokens`` is None: the fraction of the device's free memory (after the
     weights are loaded) that the pool may take. On the CPU, of available RAM, at most 4 GiB."""
@@ -28,6 +31,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.host_kv_tokens is not None and self.host_kv_tokens < 0:
+            raise ValueError("host_kv_tokens must be >= 0")
         if self.num_tokens is not None and self.num_tokens < self.block_size:
             raise ValueError(f"num_tokens must be at least one block ({self.block_size}), got {self.num_tokens}")
         if not 0.0 < self.memory_fraction <= 1.0:
@@ -70,6 +75,16 @@ class EvictionConfig:
     """Registry name of the default policy (``full`` never evicts)."""
     kv_budget: int | None = None
     """Default tokens kept per layer and KV head. Required when the policy evicts."""
+    kv_policy_args: dict[str, Any] = field(default_factory=dict)
+    """Fields of the default policy (``{"obs_window": 16}``, ``sink``, ``window``, ``kernel``,
+    ``beta``...), applied to every request that uses the default policy."""
+    kv_recall: bool = False
+    """Recall: park the K/V evicted during prefill in host memory and, at the prompt's last
+    chunk, re-select each layer's budget from all of the prompt's tokens (kept and parked)."""
+    recall_attention: str = "compressed"
+    """What the prompt's last chunk attends to under recall: ``compressed`` (the held tokens,
+    recall re-selects after the chunk's attention) or ``recalled`` (re-select the held prompt
+    tokens from held + parked with the chunk's window first, then attend)."""
     evict_decode_every: int = 0
     """Also evict during decode every k generated tokens (0: only during prefill). The
     decode footprint is then ``budget + k`` instead of ``budget + max_tokens``."""
@@ -77,6 +92,11 @@ class EvictionConfig:
     def __post_init__(self) -> None:
         if self.kv_budget is not None and self.kv_budget <= 0:
             raise ValueError(f"kv_budget must be positive, got {self.kv_budget}")
+        from policies import get_policy  # validates the name and the fields up front
+
+        get_policy(self.kv_policy, **self.kv_policy_args)
+        if self.recall_attention not in ("compressed", "recalled"):
+            raise ValueError(f"recall_attention must be 'compressed' or 'recalled', got {self.recall_attention!r}")
         if self.evict_decode_every < 0:
             raise ValueError("evict_decode_every must be >= 0")
 

@@ -16,6 +16,13 @@ every step's queries into their running state, evicting or not, so no query is m
 
 Everything is batched over the requests of one policy per layer: one gather of their keys,
 one ``score``, one ``select_keep``, one scatter back into the pool.
+
+Recall (``Request.recall``): the tokens a prefill chunk drops are parked in the host store
+instead of being lost. At the prompt's last chunk, after the chunk's attention (which used
+the compressed cache), each layer scores the union of held and parked tokens, i.e. every
+prompt token, with the final observation window, and keeps its budget from all of them: the
+same selection as evicting once after the whole prompt, under the ``budget + chunk`` GPU
+bound. Parked tokens are brought in one layer of one request at a time.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import torch
 
 from engine.attention import PoolAttention
 from engine.eviction import select_keep
+from engine.host_store import HostKVStore
 from engine.kv_cache import KVCache
 from engine.request import Request
 from policies import EvictionPolicy, ScoreContext
@@ -37,6 +45,8 @@ class _Member:
     n: int  # new tokens this step
     evict_layers: list[bool]
     windowed: bool  # keeps an observation window this step
+    recall: bool = False  # parks what it drops (a prefill step of a recall request)
+    last_chunk: bool = False  # this step completes the prompt
 
 
 @dataclass
@@ -76,7 +86,11 @@ class Evictor:
         evict_decode_every: int,
         windows: dict[str, QueryWindow],
         q_dtype: torch.dtype,
+        host: HostKVStore | None = None,
+        recall_attention: str = "compressed",
     ) -> None:
+        self.host = host
+        self.recall_attention = recall_attention
         self.cache = cache
         self.num_layers = num_layers
         self.num_heads = num_heads
@@ -113,23 +127,42 @@ class Evictor:
                 w.push_positions(positions[b])
             if not (any(evict) or policy.stateful or windowed):
                 continue
+            recall = req.recall and not decode and self.host is not None and req.request_id in self.host.seqs
+            last = req.num_computed_tokens + n == req.num_tokens
             key = repr(policy)
-            self.groups.setdefault(key, _Group(policy)).members.append(_Member(b, req, n, evict, windowed))
+            self.groups.setdefault(key, _Group(policy)).members.append(_Member(b, req, n, evict, windowed, recall, last))
         return bool(self.groups)
 
     # ---- the hook (inside the forward) -------------------------------------------------------
 
-    def __call__(self, layer: int, q: torch.Tensor, attn: PoolAttention) -> None:
+    def _recalls_now(self, m: _Member, layer: int) -> bool:
+        return m.recall and m.last_chunk and m.evict_layers[layer] and bool(self.host.seqs[m.req.request_id].lens[layer])
+
+    def before_attention(self, layer: int, q: torch.Tensor, attn: PoolAttention) -> None:
+        """After the step's K/V are written, before the layer attends."""
         meta = attn.meta
         for group in self.groups.values():
-            pol = group.policy
             for m in group.members:
                 if m.windowed:
                     s, e = meta.query_start[m.b], meta.query_start[m.b + 1]
                     self.windows[m.req.request_id].push(layer, q[s:e])
+            if self.recall_attention == "recalled":
+                for m in group.members:
+                    if self._recalls_now(m, layer):
+                        self._recall_before_attention(layer, group.policy, m, q, meta)
+
+    def __call__(self, layer: int, q: torch.Tensor, attn: PoolAttention) -> None:
+        """After the layer attended: evict (and park, and recall)."""
+        meta = attn.meta
+        for group in self.groups.values():
+            pol = group.policy
             members = [m for m in group.members if m.evict_layers[layer] or pol.stateful]
+            recalling = [m for m in members if self._recalls_now(m, layer)]
+            members = [m for m in members if m not in recalling]
             if members:
                 self._score_and_compact(layer, pol, members, q, meta)
+            for m in recalling:  # one request at a time: one layer's parked K/V on the GPU at most
+                self._recall(layer, pol, m, q, meta)
 
     def _score_and_compact(self, layer: int, pol: EvictionPolicy, members: list[_Member], q: torch.Tensor, meta) -> None:
         cache, dev = self.cache, self.cache.device
@@ -172,11 +205,107 @@ class Evictor:
         cache.pos[layer, dst] = key_pos.gather(2, keep_idx).transpose(1, 2)[valid].to(torch.int32)
         if result.state is not None:
             cache.state[layer, dst] = result.state.gather(2, keep_idx).transpose(1, 2)[valid]
+        parking = [i for i, m in enumerate(members) if m.recall and m.evict_layers[layer]]
+        if parking:
+            self._park(layer, [members[i] for i in parking], keep_idx[parking], key_mask[parking], keys[parking], values[parking], key_pos[parking], None if result.state is None else result.state[parking])
         for m, ln, kl in zip(members, lens, keep_len.tolist()):
             if m.evict_layers[layer]:
                 nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
                 nl[layer] = kl
                 self.evicted_tokens += ln - kl
+
+    @staticmethod
+    def _dropped(keep_idx: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Indices of the keys ``keep_idx`` leaves out, in position order: (B, H, T) with the
+        dropped ones first, and how many there are per row (the same in every head)."""
+        B, H, _ = keep_idx.shape
+        T = key_mask.shape[1]
+        kept = torch.zeros(B, H, T, dtype=torch.bool, device=keep_idx.device)
+        kept.scatter_(2, keep_idx, True)  # padding entries repeat a kept index: harmless
+        dropped = key_mask[:, None, :] & ~kept
+        order = torch.sort((~dropped).to(torch.int8), dim=-1, stable=True).indices  # stable: position order
+        return order, dropped[:, 0].sum(-1).tolist()
+
+    def _park(self, layer, members, keep_idx, key_mask, keys, values, key_pos, state, replace: bool = False) -> None:
+        """Send what the layer just dropped to the host store. keep_idx (B, H, K); keys,
+        values (B, H, T, D); key_pos, state (B, H, T). ``replace``: these become the
+        layer's whole parked run instead of being appended to it."""
+        order, counts = self._dropped(keep_idx, key_mask)
+        for i, m in enumerate(members):
+            c = counts[i]
+            idx = order[i, :, :c]  # (H, c)
+
+            def take(t: torch.Tensor) -> torch.Tensor:  # (H, T[, D]) -> (c, H[, D])
+                ix = idx[..., None].expand(-1, -1, t.shape[-1]) if t.dim() == 4 else idx
+                return t[i].gather(1, ix).transpose(0, 1).contiguous()
+
+            if replace:
+                self.host.seqs[m.req.request_id].lens[layer] = 0
+            if c:
+                self.host.park(m.req.request_id, layer, take(keys), take(values), take(key_pos), None if state is None else take(state))
+
+    def _union(self, layer: int, pol: EvictionPolicy, m: _Member, slots: torch.Tensor, held: int):
+        """The layer's tokens in the pool (``slots``, of which the first ``held`` were there
+        before this step) and its parked ones, in position order per head: keys, values
+        (1, H, U, D), positions and state (1, H, U)."""
+        cache, dev = self.cache, self.cache.device
+        pk, pv, ppos, pstate = self.host.load(m.req.request_id, layer)  # (P, H, D) x2, (P, H) x2
+        keys = torch.cat([pk, cache.k[layer, slots]])  # (U, H, D)
+        values = torch.cat([pv, cache.v[layer, slots]])
+        pos = torch.cat([ppos, cache.pos[layer, slots].to(torch.int64)])  # (U, H)
+        state = None
+        if pol.stateful:
+            cur = cache.state[layer, slots] * (torch.arange(len(slots), device=dev) < held)[:, None]  # new keys start at 0
+            state = torch.cat([pstate, cur])
+        order = pos.argsort(dim=0, stable=True)  # (U, H): as if nothing had ever been evicted
+        D = keys.shape[-1]
+        keys = keys.gather(0, order[..., None].expand(-1, -1, D)).transpose(0, 1)[None]
+        values = values.gather(0, order[..., None].expand(-1, -1, D)).transpose(0, 1)[None]
+        pos = pos.gather(0, order).T[None]
+        if state is not None:
+            state = state.gather(0, order).T[None]
+        return keys, values, pos, state
+
+    def _select_union(self, layer, pol, m, q, meta, slots, held, budget):
+        """Score the union with the observation window, keep ``budget`` per head, write the
+        kept tokens to the front of ``slots``; returns (kept count, select_keep's output,
+        the union) so the caller can park what was left out."""
+        cache, dev = self.cache, self.cache.device
+        keys, values, pos, state = self._union(layer, pol, m, slots, held)
+        U, D = keys.shape[2], keys.shape[3]
+        key_mask = torch.ones(1, U, dtype=torch.bool, device=dev)
+        queries = q_pos = q_mask = None
+        if pol.needs_queries:
+            queries, q_pos, q_mask = self._queries(pol, [m], layer, q, meta)
+        result = pol.score(ScoreContext(keys, values, pos, key_mask, queries, q_pos, q_mask, state, layer, self.num_layers))
+        keep_idx, keep_len = select_keep(result.scores, key_mask, budget, pol.sink, pol.window)
+        k = int(keep_len[0])
+        idx = keep_idx[0, :, :k]  # (H, k)
+        dst = slots[:k]
+        cache.k[layer, dst] = keys[0].gather(1, idx[..., None].expand(-1, -1, D)).transpose(0, 1)
+        cache.v[layer, dst] = values[0].gather(1, idx[..., None].expand(-1, -1, D)).transpose(0, 1)
+        cache.pos[layer, dst] = pos[0].gather(1, idx).T.to(torch.int32)
+        if result.state is not None:
+            cache.state[layer, dst] = result.state[0].gather(1, idx).T
+        return k, keep_idx, key_mask, (keys, values, pos, result.state)
+
+    def _recall_before_attention(self, layer, pol, m, q, meta) -> None:
+        """``recall_attention="recalled"``: before the last chunk attends, swap the layer's
+        held prompt tokens for the best ``held`` of held + parked (scored by this chunk's
+        window), so the chunk attends to the recalled set; the rest is parked back."""
+        held = meta.lens[m.b][layer]
+        slots = meta.slots[m.b, :held]
+        _, keep_idx, key_mask, (keys, values, pos, state) = self._select_union(layer, pol, m, q, meta, slots, held, held)
+        self._park(layer, [m], keep_idx, key_mask, keys, values, pos, state, replace=True)
+
+    def _recall(self, layer: int, pol: EvictionPolicy, m: _Member, q: torch.Tensor, meta) -> None:
+        """Last chunk of a recall request: keep the layer's budget out of every prompt token."""
+        held = meta.lens[m.b][layer]
+        T = held + m.n
+        k, *_ = self._select_union(layer, pol, m, q, meta, meta.slots[m.b, :T], held, m.req.layer_budgets[layer])
+        nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
+        nl[layer] = k
+        self.evicted_tokens += T - k  # GPU-side accounting: parked tokens were counted when parked
 
     def _queries(self, pol: EvictionPolicy, members: list[_Member], layer: int, q: torch.Tensor, meta):
         dev = q.device
@@ -208,3 +337,8 @@ class Evictor:
         for rid, lens in self.new_lens.items():
             cur = self.cache.seqs[rid].lens
             self.cache.set_lens(rid, [c if n is None else n for c, n in zip(cur, lens)])
+        if self.host is not None:  # prefill is over for these: their parked copy goes
+            for group in self.groups.values():
+                for m in group.members:
+                    if m.recall and m.last_chunk:
+                        self.host.free(m.req.request_id)

@@ -46,6 +46,7 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        pin_memory: bool = False,
     ) -> None:
         if num_blocks <= 0:
             raise ValueError("the KV pool must hold at least one block")
@@ -54,9 +55,11 @@ class KVCache:
         self.device = torch.device(device)
         slots = num_blocks * block_size
         # empty, not zeros: only slots below a request's held length are ever read
-        self.k = torch.empty(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.pos = torch.empty(num_layers, slots, num_kv_heads, dtype=torch.int32, device=device)
+        shape = (num_layers, slots, num_kv_heads)
+        self.k = torch.empty(*shape, head_dim, dtype=dtype, device=device, pin_memory=pin_memory)
+        self.v = torch.empty(*shape, head_dim, dtype=dtype, device=device, pin_memory=pin_memory)
+        self.pos = torch.empty(*shape, dtype=torch.int32, device=device, pin_memory=pin_memory)
+        self.pin_memory = pin_memory
         self.state: torch.Tensor | None = None
         """(L, num_slots, H_kv) float32 running scores of stateful policies (h2o), made on first use."""
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # stack: low ids first
@@ -64,7 +67,7 @@ class KVCache:
 
     def ensure_state(self) -> torch.Tensor:
         if self.state is None:
-            self.state = torch.zeros(self.pos.shape, dtype=torch.float32, device=self.device)
+            self.state = torch.zeros(self.pos.shape, dtype=torch.float32, device=self.device, pin_memory=self.pin_memory)
         return self.state
 
     # ---- sizing ---------------------------------------------------------------------------

@@ -43,6 +43,8 @@ class LLMEngine:
         useful = sc.max_num_seqs * self.max_model_len + sc.chunk_size
         self.cache = self.runner.allocate_cache(self.runner.pool_tokens(useful))
         self.scheduler = Scheduler(sc, self.cache, config.eviction.evict_decode_every)
+        if config.eviction.kv_recall or config.cache.host_kv_tokens:
+            self._ensure_host_store()  # up front: pinning gigabytes mid-serving would stall
         self.sampler = Sampler()
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Request] = {}
@@ -99,8 +101,10 @@ class LLMEngine:
 
     def _resolve_policy(self, req: Request) -> None:
         """The request's policy and per-layer budgets (its own, else the engine's default)."""
-        name = req.params.kv_policy or self.config.eviction.kv_policy
-        policy = get_policy(name)  # ValueError naming the known policies
+        ev = self.config.eviction
+        name = req.params.kv_policy or ev.kv_policy
+        args = ev.kv_policy_args if name.strip().lower() == ev.kv_policy.strip().lower() else {}
+        policy = get_policy(name, **args)  # ValueError naming the known policies
         if not policy.evicts:
             req.policy, req.layer_budgets = None, None
             return
@@ -110,6 +114,8 @@ class LLMEngine:
         policy.validate_budget(budget)
         req.policy = policy
         req.layer_budgets = policy.layer_budgets(budget, self.runner.spec.num_layers)
+        recall = req.params.kv_recall
+        req.recall = self.config.eviction.kv_recall if recall is None else recall
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -121,10 +127,16 @@ class LLMEngine:
         if not params.greedy:
             seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._seed_counter))) & (2**63 - 1)
             req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        if req.recall:
+            self._ensure_host_store()
         self.requests[request_id] = req
         if self.tokenizer is not None:
             self.detok[request_id] = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         self.scheduler.add(req)
+
+    def _ensure_host_store(self) -> None:
+        if self.scheduler.host is None:
+            self.scheduler.host = self.runner.allocate_host_store(self.cache.capacity_tokens)
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -188,7 +200,7 @@ class LLMEngine:
                 rows.append(offset + n - 1)
                 row_owner.append((req, "sample", 0))
             offset += n
-        logits, evicted = self.runner.execute(self.cache, reqs, num_new, rows, self.windows)
+        logits, evicted = self.runner.execute(self.cache, reqs, num_new, rows, self.windows, self.scheduler.host)
         now = time.monotonic()  # tokens of this step exist from here on
         self._stats.kv_tokens_evicted_total += evicted
         for req, n in zip(reqs, num_new):
@@ -288,6 +300,8 @@ class LLMEngine:
         st.num_waiting = len(self.scheduler.waiting)
         st.kv_usage = self.cache.usage
         st.num_preemptions_total = self.scheduler.num_preemptions
+        st.num_recall_fallbacks_total = self.scheduler.num_recall_fallbacks
+        st.host_kv_usage = self.scheduler.host.usage if self.scheduler.host is not None else 0.0
         seqs = [self.cache.seqs[r.request_id] for r in self.scheduler.running if r.request_id in self.cache.seqs]
         st.kv_tokens_kept = sum(sum(s.lens) for s in seqs)
         st.kv_tokens_seen = sum(s.seen for s in seqs) * self.runner.spec.num_layers

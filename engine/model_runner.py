@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import KVCache
 from engine.models.llama import DecoderModel, ModelSpec, load_weights_source, rope_inv_freq
 from engine.evictor import Evictor, QueryWindow
+from engine.host_store import HostKVStore
 from engine.request import Request
 
 log = logging.getLogger("batchmax")
@@ -92,6 +93,16 @@ class ModelRunner:
         log.info("KV pool: %d tokens per layer (%.2f GiB)", cache.capacity_tokens, cache.capacity_tokens * self.kv_bytes_per_token() / 2**30)
         return cache
 
+    def allocate_host_store(self, gpu_pool_tokens: int) -> HostKVStore:
+        s = self.spec
+        tokens = self.config.cache.host_kv_tokens
+        if tokens is None:
+            ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            tokens = min(gpu_pool_tokens, ram // 4 // (self.kv_bytes_per_token() + 4 * s.num_layers * s.num_kv_heads))
+        store = HostKVStore(s.num_layers, s.num_kv_heads, s.head_dim, tokens, self.dtype, self.device)
+        log.info("recall host store: %d tokens per layer (%.2f GiB, pinned=%s)", store.capacity_tokens, store.capacity_tokens * self.kv_bytes_per_token() / 2**30, store.pin_memory)
+        return store
+
     # ---- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -102,6 +113,7 @@ class ModelRunner:
         num_new: list[int],
         logit_rows: list[int],
         windows: dict[str, QueryWindow] | None = None,
+        host: HostKVStore | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Run the step; returns float32 logits (len(logit_rows), V) for the packed-token
         indices ``logit_rows`` and the number of tokens evicted (summed over layers). The
@@ -119,7 +131,8 @@ class ModelRunner:
         evictor = None
         if any(r.policy is not None for r in requests):
             spec = self.spec
-            evictor = Evictor(cache, spec.num_layers, spec.num_heads, self.config.eviction.evict_decode_every, windows, self.dtype)
+            ev = self.config.eviction
+            evictor = Evictor(cache, spec.num_layers, spec.num_heads, ev.evict_decode_every, windows, self.dtype, host, ev.recall_attention)
             per_req = [positions[meta.query_start[b] : meta.query_start[b + 1]] for b in range(len(requests))]
             if not evictor.plan(requests, num_new, per_req):
                 evictor = None

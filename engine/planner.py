@@ -26,6 +26,8 @@ class PlanRow:
     footprint_tokens: int
     footprint_bytes: int
     max_batch: int
+    host_bytes: int = 0
+    """Host memory recall parks per request during its prefill (0 without eviction)."""
 
 
 @dataclass
@@ -45,11 +47,16 @@ class Plan:
             f"KV per token: {self.kv_bytes_per_token:,} bytes ({self.kv_bytes_per_token / 1024:.1f} KiB, K+V of every layer plus positions)",
             f"weights {self.weights_bytes / gib:.1f} GiB; KV pool {self.pool_bytes / gib:.1f} GiB = {self.pool_tokens:,} tokens per layer",
             "",
-            f"| {'cache':<18} | {'footprint (tokens)':>18} | {'footprint (MiB)':>15} | {'max concurrent requests':>23} |",
-            f"|{'-' * 20}|{'-' * 19}:|{'-' * 16}:|{'-' * 24}:|",
+            f"| {'cache':<18} | {'footprint (tokens)':>18} | {'footprint (MiB)':>15} | {'max concurrent requests':>23} | {'recall host MiB/request':>23} |",
+            f"|{'-' * 20}|{'-' * 19}:|{'-' * 16}:|{'-' * 24}:|{'-' * 24}:|",
         ]
         for r in self.rows:
-            lines.append(f"| {r.label:<18} | {r.footprint_tokens:>18,} | {r.footprint_bytes / 2**20:>15,.1f} | {r.max_batch:>23,} |")
+            lines.append(
+                f"| {r.label:<18} | {r.footprint_tokens:>18,} | {r.footprint_bytes / 2**20:>15,.1f} | {r.max_batch:>23,} | {r.host_bytes / 2**20:>23,.1f} |"
+            )
+        lines.append("")
+        lines.append("recall parks a request's evicted prompt tokens in pinned host memory until its prefill ends;")
+        lines.append("host memory needed = that figure x the requests in prefill at once (max_num_batched_tokens / chunk).")
         return "\n".join(lines)
 
 
@@ -75,7 +82,8 @@ def make_plan(
     def row(label: str, budget: int | None) -> PlanRow:
         fp = footprint_tokens(prompt_len, max_tokens, budget, chunk, evict_decode_every)
         blocks = -(-fp // block_size)
-        return PlanRow(label, fp, fp * per_token, pool_tokens // block_size // blocks)
+        parked = 0 if budget is None else max(0, prompt_len - budget)
+        return PlanRow(label, fp, fp * per_token, pool_tokens // block_size // blocks, parked * per_token)
 
     rows = [row("full", None)] + [row(f"budget {b}", b) for b in budgets]
     return Plan(spec, per_token, weights, pool, pool_tokens, rows)

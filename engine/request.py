@@ -56,6 +56,8 @@ class Request:
     """The request's ``EvictionPolicy``; ``None`` for the full cache."""
     layer_budgets: list[int] | None = None
     """Tokens kept per layer and KV head; ``None`` for the full cache."""
+    recall: bool = False
+    """Park evicted prefill K/V in host memory and re-select at the last chunk."""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

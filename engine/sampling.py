@@ -37,6 +37,8 @@ class SamplingParams:
     """Eviction policy of this request; ``None``: the engine's default."""
     kv_budget: int | None = None
     """Tokens kept per layer and KV head; ``None``: the engine's default."""
+    kv_recall: bool | None = None
+    """Recall for this request (see ``EvictionConfig.kv_recall``); ``None``: the engine's default."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

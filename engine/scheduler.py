@@ -44,6 +44,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.reserved: dict[str, int] = {}  # blocks reserved at admission, per running request
         self.num_preemptions = 0
+        self.host = None
+        """Recall's host store (``HostKVStore``), set by the engine when recall is used."""
+        self.num_recall_fallbacks = 0
 
     # ---- footprint --------------------------------------------------------------------------
 
@@ -57,6 +60,19 @@ class Scheduler:
 
     def footprint_blocks(self, req: Request) -> int:
         return self.cache.blocks_for(self.footprint_tokens(req))
+
+    @staticmethod
+    def host_footprint_tokens(req: Request) -> int:
+        """Most tokens recall parks per layer: everything its smallest layer budget drops."""
+        if not req.recall or not req.layer_budgets:
+            return 0
+        return max(0, req.num_tokens - min(req.layer_budgets))
+
+    def _free(self, req: Request) -> None:
+        self.reserved.pop(req.request_id, None)
+        self.cache.free(req.request_id)
+        if self.host is not None:
+            self.host.free(req.request_id)
 
     def fits_pool(self, req: Request) -> bool:
         """Could the request run at all, alone in the pool?"""
@@ -79,13 +95,11 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.reserved.pop(req.request_id, None)
-        self.cache.free(req.request_id)
+        self._free(req)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.reserved.pop(req.request_id, None)
-        self.cache.free(req.request_id)
+        self._free(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -132,6 +146,12 @@ class Scheduler:
                 self.cache.free(req.request_id)
                 break
             self.waiting.popleft()
+            host_need = self.host_footprint_tokens(req)
+            if host_need and not self.host.reserve(req.request_id, host_need):
+                # the host store is full: plain Batch-Max eviction for this one
+                self.host.free(req.request_id)
+                req.recall = False
+                self.num_recall_fallbacks += 1
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self.reserved[req.request_id] = need

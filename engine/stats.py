@@ -25,6 +25,10 @@ class EngineStats:
     """Tokens held now by running requests, summed over layers."""
     kv_tokens_seen: int = 0
     """Tokens running requests have written, summed over layers (kept + evicted)."""
+    num_recall_fallbacks_total: int = 0
+    """Recall requests that ran with plain eviction because the host store was full."""
+    host_kv_usage: float = 0.0
+    """Fraction of recall's host store in use (0..1)."""
     running_batch_size: int = 0
     """Requests in the last step."""
     peak_running_batch_size: int = 0

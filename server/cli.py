@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -17,7 +18,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-policy", default="full", help="default eviction policy")
     p.add_argument("--kv-budget", type=int, default=None, help="default tokens kept per layer and KV head")
+    p.add_argument("--kv-policy-args", type=json.loads, default={}, help='JSON fields of the default policy, e.g. \'{"obs_window": 8}\'')
     p.add_argument("--evict-decode-every", type=int, default=0, help="also evict every k decode steps (0: prefill only)")
+    p.add_argument("--kv-recall", action=argparse.BooleanOptionalAction, default=False, help="park evicted prefill K/V in host memory and re-select at the last chunk")
+    p.add_argument("--host-kv-tokens", type=int, default=None, help="recall's host store capacity in tokens per layer")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -33,7 +37,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         kv_policy=args.kv_policy,
         kv_budget=args.kv_budget,
+        kv_policy_args=args.kv_policy_args,
         evict_decode_every=args.evict_decode_every,
+        kv_recall=args.kv_recall,
+        host_kv_tokens=args.host_kv_tokens,
         seed=args.seed,
     )
 

@@ -99,9 +99,10 @@ class _SamplingFields(_Request):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    # batchmax's extensions: the eviction policy and budget of this request
+    # batchmax's extensions: the eviction policy, budget and recall of this request
     kv_policy: str | None = None
     kv_budget: int | None = Field(default=None, gt=0)
+    kv_recall: bool | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) of a known OpenAI feature batchmax cannot honour, else None.

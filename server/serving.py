@@ -280,6 +280,7 @@ class OpenAIServing:
                 prompt_logprobs=prompt_logprobs,
                 kv_policy=body.kv_policy,
                 kv_budget=body.kv_budget,
+                kv_recall=body.kv_recall,
             )
         except ValueError as exc:
             raise engine_error(exc, param) from None

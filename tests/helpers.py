@@ -6,6 +6,8 @@ import random
 
 import torch
 
+from engine.attention import PoolAttention
+
 
 @functools.lru_cache(maxsize=8)
 def hf_model(path):
@@ -31,3 +33,26 @@ def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 49152) -> lis
     rng = random.Random(seed)
     # skip the special tokens at the start of the vocabulary
     return [[rng.randrange(100, vocab) for _ in range(n)] for n in lengths]
+
+
+class PeakRecorder:
+    """Wraps PoolAttention.attend to record, per request and layer, the most tokens held at
+    any moment (held before the step + the step's new tokens, before eviction), separately
+    for prefill steps (no token generated yet) and decode steps."""
+
+    def __init__(self, monkeypatch):
+        self.engine = None
+        self.prefill: dict[tuple[str, int], int] = {}
+        self.decode: dict[tuple[str, int], int] = {}
+        orig = PoolAttention.attend
+        rec = self
+
+        def attend(self_, layer_idx, q, k, v):
+            m = self_.meta
+            for b, rid in enumerate(m.request_ids):
+                phase = rec.decode if rec.engine.requests[rid].num_output_tokens else rec.prefill
+                key = (rid, layer_idx)
+                phase[key] = max(phase.get(key, 0), m.lens[b][layer_idx] + m.num_new[b])
+            return orig(self_, layer_idx, q, k, v)
+
+        monkeypatch.setattr(PoolAttention, "attend", attend)

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from engine import LLM, LLMEngine, EngineConfig, SamplingParams
-from engine.attention import PoolAttention
 from policies import available_policies, get_policy
-from tests.helpers import random_prompts
+from tests.helpers import PeakRecorder, random_prompts
 
 EVICTING = [p for p in available_policies() if get_policy(p).evicts]
 PROMPTS = [300, 217, 90, 45]
@@ -17,29 +16,6 @@ BUDGET = 64
 
 def _greedy(n=8, **kw):
     return SamplingParams(max_tokens=n, temperature=0.0, **kw)
-
-
-class PeakRecorder:
-    """Wraps PoolAttention.attend to record, per request and layer, the most tokens held at
-    any moment (held before the step + the step's new tokens, before eviction), separately
-    for prefill steps (no token generated yet) and decode steps."""
-
-    def __init__(self, monkeypatch):
-        self.engine = None
-        self.prefill: dict[tuple[str, int], int] = {}
-        self.decode: dict[tuple[str, int], int] = {}
-        orig = PoolAttention.attend
-        rec = self
-
-        def attend(self_, layer_idx, q, k, v):
-            m = self_.meta
-            for b, rid in enumerate(m.request_ids):
-                phase = rec.decode if rec.engine.requests[rid].num_output_tokens else rec.prefill
-                key = (rid, layer_idx)
-                phase[key] = max(phase.get(key, 0), m.lens[b][layer_idx] + m.num_new[b])
-            return orig(self_, layer_idx, q, k, v)
-
-        monkeypatch.setattr(PoolAttention, "attend", attend)
 
 
 def _check_kept_positions(engine, rid, policy, prompt_len, num_out):

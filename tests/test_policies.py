@@ -307,7 +307,7 @@ def test_pyramid_delegates_to_its_scorer():
     assert (pyr.sink, pyr.window) == (2, 8) == (pyr.scorer.sink, pyr.scorer.window)
     assert not get_policy("pyramid_knorm").needs_queries
     default = PyramidPolicy(scorer=SnapKVPolicy(window=32))
-    assert default.name == "pyramid" and default.window == 32 and default.obs_window == 16
+    assert default.name == "pyramid" and default.window == 32 and default.obs_window == 8
     ctx = ragged_ctx()
     torch.testing.assert_close(default.score(ctx).scores, SnapKVPolicy().score(ctx).scores)
     with pytest.raises(ValueError):
@@ -336,7 +336,7 @@ def test_registry_names_and_instances():
     assert get_policy("snapkv") is not get_policy("snapkv")
     assert get_policy(" SnapKV ").name == "snapkv"
     assert get_policy("h2o").stateful and get_policy("h2o").obs_window is None
-    assert get_policy("tova").obs_window == 1 and get_policy("snapkv").obs_window == 16
+    assert get_policy("tova").obs_window == 1 and get_policy("snapkv").obs_window == 8
     assert not get_policy("streaming").needs_queries and not get_policy("full").evicts
 
 
