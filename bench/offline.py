@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-tokens", type=int, default=None, help="pool capacity in tokens (default: from free memory)")
     p.add_argument("--kv-policy", default="full")
     p.add_argument("--kv-budget", type=int, default=None)
+    p.add_argument("--kv-recall", action="store_true", help="park evicted prefill K/V in host memory, re-select at the last chunk")
+    p.add_argument("--host-kv-tokens", type=int, default=None, help="recall's host store capacity (tokens per layer)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -60,6 +62,8 @@ def main(argv=None) -> dict:
         num_tokens=a.kv_tokens,
         kv_policy=a.kv_policy,
         kv_budget=a.kv_budget,
+        kv_recall=a.kv_recall,
+        host_kv_tokens=a.host_kv_tokens,
     )
     load_s = time.perf_counter() - t0
     eng = llm.engine
@@ -95,6 +99,8 @@ def main(argv=None) -> dict:
         chunk=a.chunk,
         kv_policy=a.kv_policy,
         kv_budget=a.kv_budget,
+        kv_recall=a.kv_recall,
+        recall_fallbacks=st.num_recall_fallbacks_total,
         kv_pool_tokens=eng.cache.capacity_tokens,
         load_s=round(load_s, 1),
         elapsed_s=round(elapsed, 2),
@@ -106,7 +112,7 @@ def main(argv=None) -> dict:
     )
     print(
         f"\n{a.num_prompts} x {a.prompt_len} -> {a.output_len} on {result['device']} ({a.kv_policy}"
-        f"{'@' + str(a.kv_budget) if a.kv_budget else ''}): {elapsed:.1f} s, "
+        f"{'@' + str(a.kv_budget) if a.kv_budget else ''}{' + recall' if a.kv_recall else ''}): {elapsed:.1f} s, "
         f"total {result['total_tok_s']:,.0f} tok/s, output {result['output_tok_s']:,.0f} tok/s, "
         f"peak running batch {result['peak_running_batch']}, peak memory {result['peak_memory_gb']:.1f} GB"
     )
