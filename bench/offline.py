@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-budget", type=int, default=None)
     p.add_argument("--kv-recall", action="store_true", help="park evicted prefill K/V in host memory, re-select at the last chunk")
     p.add_argument("--host-kv-tokens", type=int, default=None, help="recall's host store capacity (tokens per layer)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -64,6 +65,7 @@ def main(argv=None) -> dict:
         kv_budget=a.kv_budget,
         kv_recall=a.kv_recall,
         host_kv_tokens=a.host_kv_tokens,
+        attention_backend=a.attention_backend,
     )
     load_s = time.perf_counter() - t0
     eng = llm.engine
@@ -100,6 +102,7 @@ def main(argv=None) -> dict:
         kv_policy=a.kv_policy,
         kv_budget=a.kv_budget,
         kv_recall=a.kv_recall,
+        attention=("triton" if eng.runner.fused else "torch"),
         recall_fallbacks=st.num_recall_fallbacks_total,
         kv_pool_tokens=eng.cache.capacity_tokens,
         load_s=round(load_s, 1),

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
+from engine.transfer import to_device
+from engine.triton_attention import paged_attention
 
 
 @dataclass
@@ -34,6 +36,14 @@ class StepMetadata:
     """(L, N) slot each new token is written to, per layer (device)."""
     positions: torch.Tensor
     """(N,) true positions of the new tokens (device)."""
+    block_table: torch.Tensor
+    """(B, W) int32 block ids of each request (device), for the fused kernel."""
+    seq_lens: torch.Tensor
+    """(L, B) int32 keys each request has per layer once this step's are written (device)."""
+    query_start_loc: torch.Tensor
+    """(B + 1,) int32 ``query_start`` on the device."""
+    num_decodes: int
+    """Leading requests with exactly one new token (decode-first order)."""
 
     @property
     def num_requests(self) -> int:
@@ -46,14 +56,23 @@ class StepMetadata:
         query_start = [0]
         for n in num_new:
             query_start.append(query_start[-1] + n)
-        slots = cache.slots(cache.block_table(request_ids))  # (B, S)
+        table = cache.block_table(request_ids)  # (B, W)
+        slots = cache.slots(table)  # (B, S)
         # where each new token goes, per layer: slot of (request, held_l + offset)
         req_idx = torch.repeat_interleave(torch.arange(len(num_new)), torch.tensor(num_new))  # (N,)
         tok_off = torch.cat([torch.arange(n) for n in num_new])  # (N,)
-        starts = torch.tensor(lens, dtype=torch.int64).T  # (L, B)
-        col = (starts[:, req_idx] + tok_off[None, :]).to(device)  # (L, N)
-        write_idx = slots[req_idx.to(device)[None, :].expand_as(col), col]  # (L, N)
-        return cls(request_ids, list(num_new), query_start, lens, slots, write_idx, positions)
+        starts = torch.tensor(lens, dtype=torch.int64).T.contiguous()  # (L, B)
+        col = to_device(starts[:, req_idx] + tok_off[None, :], torch.int64, device)  # (L, N)
+        write_idx = slots[to_device(req_idx, torch.int64, device)[None, :].expand_as(col), col]  # (L, N)
+        seq_lens = to_device(starts + torch.tensor(num_new)[None, :], torch.int32, device)  # (L, B)
+        qsl = to_device(query_start, torch.int32, device)
+        num_decodes = 0
+        for n in num_new:
+            if n != 1:
+                break
+            num_decodes += 1
+        return cls(request_ids, list(num_new), query_start, lens, slots, write_idx, positions,
+                   table.to(torch.int32), seq_lens, qsl, num_decodes)
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: int) -> torch.Tensor:
@@ -93,10 +112,12 @@ class EvictionHook(Protocol):
 
 
 class PoolAttention:
-    """The model's ``AttentionContext`` for one step (torch reference implementation)."""
+    """The model's ``AttentionContext`` for one step. ``fused``: the Triton paged-attention
+    kernels read the pool directly; otherwise the torch reference gathers each request's
+    tokens and calls SDPA (CPU, tests, and the oracle the kernels are checked against)."""
 
-    def __init__(self, cache: KVCache, meta: StepMetadata, hook: EvictionHook | None = None) -> None:
-        self.cache, self.meta, self.hook = cache, meta, hook
+    def __init__(self, cache: KVCache, meta: StepMetadata, hook: EvictionHook | None = None, fused: bool = False) -> None:
+        self.cache, self.meta, self.hook, self.fused = cache, meta, hook, fused
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache, meta = self.cache, self.meta
@@ -106,6 +127,14 @@ class PoolAttention:
         cache.pos[layer_idx].index_copy_(0, idx, meta.positions.to(torch.int32)[:, None].expand(-1, cache.num_kv_heads))
         if self.hook is not None:
             self.hook.before_attention(layer_idx, q, self)
+        if self.fused:
+            out = paged_attention(
+                q, cache.k[layer_idx], cache.v[layer_idx], meta.block_table, meta.seq_lens[layer_idx],
+                meta.query_start_loc, max(meta.num_new), cache.block_size, num_decodes=meta.num_decodes,
+            )
+            if self.hook is not None:
+                self.hook(layer_idx, q, self)
+            return out
         out = torch.empty_like(q)
         kl, vl = cache.k[layer_idx], cache.v[layer_idx]  # (S_pool, H_kv, D)
         for b in range(meta.num_requests):

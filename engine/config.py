@@ -115,6 +115,9 @@ class EngineConfig:
     """``auto`` reads the checkpoint; ``dummy`` initialises random weights (benchmarks)."""
     skip_tokenizer_init: bool = False
     """Run without a tokenizer: prompts must be token ids and outputs carry no text."""
+    attention_backend: str = "auto"
+    """``auto`` (the fused Triton kernels on CUDA when Triton is installed, else torch),
+    ``triton`` or ``torch`` (the reference: SDPA per request over gathered K/V)."""
     seed: int = 0
     """Seeds the generators of requests that carry no seed of their own."""
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -124,6 +127,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):

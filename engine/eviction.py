@@ -14,6 +14,7 @@ def select_keep(
     budgets: torch.Tensor | int,
     sink: int,
     window: int,
+    max_keep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the keys to keep, per request and KV head.
 
@@ -26,6 +27,7 @@ def select_keep(
     the last ``window`` real tokens and the top (budget_b - sink - window) of the rest by
     score. Entries past keep_len[b] repeat the row's last kept index, so a gather with them
     stays in range. Assumes budget_b >= sink + window (the policy validates budgets).
+    ``max_keep``: max_b min(budget_b, len_b) when the caller knows it (no device sync).
 
     Ties go to the earlier index (stable sort), so the result is deterministic on CPU and CUDA.
     NaN scores rank below every real score and +/-inf are clamped to finite values, so the
@@ -36,7 +38,8 @@ def select_keep(
     lens = key_mask.sum(dim=1).to(torch.int64)  # (B,)
     budgets = torch.as_tensor(budgets, dtype=torch.int64, device=device).expand(B)  # (B,)
     keep_len = torch.minimum(budgets, lens)  # (B,)
-    K = int(keep_len.max()) if B else 0  # one host sync: K sizes the output
+    # K sizes the output; a caller that knows it on the host saves a device sync
+    K = max_keep if max_keep is not None else (int(keep_len.max()) if B else 0)
     if K == 0:
         return torch.zeros(B, H, 0, dtype=torch.int64, device=device), keep_len
 

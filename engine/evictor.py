@@ -34,6 +34,7 @@ from engine.attention import PoolAttention
 from engine.eviction import select_keep
 from engine.host_store import HostKVStore
 from engine.kv_cache import KVCache
+from engine.transfer import to_device
 from engine.request import Request
 from policies import EvictionPolicy, ScoreContext
 
@@ -170,7 +171,7 @@ class Evictor:
         lens = [meta.lens[m.b][layer] + m.n for m in members]  # held after this step's writes
         T = max(lens)
         slots = meta.slots[[m.b for m in members], :T]  # (B, T); pad entries are valid slots of the row
-        lens_t = torch.tensor(lens, device=dev)
+        lens_t = to_device(lens, torch.int64, dev)
         key_mask = torch.arange(T, device=dev)[None, :] < lens_t[:, None]  # (B, T)
         keys = cache.k[layer, slots].transpose(1, 2)  # (B, H_kv, T, D)
         values = cache.v[layer, slots].transpose(1, 2)
@@ -183,54 +184,57 @@ class Evictor:
         if pol.stateful:
             if cache.state is None:
                 cache.ensure_state()
-            held = torch.tensor([meta.lens[m.b][layer] for m in members], device=dev)
+            held = to_device([meta.lens[m.b][layer] for m in members], torch.int64, dev)
             old = torch.arange(T, device=dev)[None, :] < held[:, None]  # new keys start at 0
             state = cache.state[layer, slots].transpose(1, 2) * old[:, None, :]  # (B, H_kv, T)
         ctx = ScoreContext(keys, values, key_pos, key_mask, queries, q_pos, q_mask, state, layer, self.num_layers)
         result = pol.score(ctx)
 
-        evicting = torch.tensor([m.evict_layers[layer] for m in members], device=dev)
-        budgets = torch.tensor([m.req.layer_budgets[layer] for m in members], device=dev)
-        # rows that do not evict keep everything (stateful policies still update their state)
-        budgets = torch.where(evicting, budgets, lens_t)
-        keep_idx, keep_len = select_keep(result.scores, key_mask, budgets, pol.sink, pol.window)
-        K = keep_idx.shape[-1]
+        # rows that do not evict keep everything (stateful policies still update their state);
+        # every count is known on the host, so nothing here waits for the GPU
+        keep = [min(m.req.layer_budgets[layer], ln) if m.evict_layers[layer] else ln for m, ln in zip(members, lens)]
+        keep_idx, _ = select_keep(result.scores, key_mask, to_device(keep, torch.int64, dev), pol.sink, pol.window, max_keep=max(keep))
         D = keys.shape[-1]
         gidx = keep_idx[..., None].expand(-1, -1, -1, D)
-        valid = torch.arange(K, device=dev)[None, :] < keep_len[:, None]  # (B, K)
-        dst = slots[:, :K][valid]  # (M,) slots kept tokens move to, front of each row
-        # (B, H, K, D) -> (B, K, H, D) -> rows (M, H, D)
-        cache.k[layer, dst] = keys.gather(2, gidx).transpose(1, 2)[valid]
-        cache.v[layer, dst] = values.gather(2, gidx).transpose(1, 2)[valid]
-        cache.pos[layer, dst] = key_pos.gather(2, keep_idx).transpose(1, 2)[valid].to(torch.int32)
+        rows = torch.repeat_interleave(torch.arange(B), torch.tensor(keep))
+        cols = torch.cat([torch.arange(k) for k in keep])
+        rows, cols = to_device(rows, torch.int64, dev), to_device(cols, torch.int64, dev)
+        dst = slots[rows, cols]  # (M,) kept tokens move to the front of each row
+        # (B, H, K, D) -> rows (M, H, D)
+        cache.k[layer].index_copy_(0, dst, keys.gather(2, gidx)[rows, :, cols])
+        cache.v[layer].index_copy_(0, dst, values.gather(2, gidx)[rows, :, cols])
+        cache.pos[layer].index_copy_(0, dst, key_pos.gather(2, keep_idx)[rows, :, cols].to(torch.int32))
         if result.state is not None:
-            cache.state[layer, dst] = result.state.gather(2, keep_idx).transpose(1, 2)[valid]
+            cache.state[layer].index_copy_(0, dst, result.state.gather(2, keep_idx)[rows, :, cols])
         parking = [i for i, m in enumerate(members) if m.recall and m.evict_layers[layer]]
         if parking:
-            self._park(layer, [members[i] for i in parking], keep_idx[parking], key_mask[parking], keys[parking], values[parking], key_pos[parking], None if result.state is None else result.state[parking])
-        for m, ln, kl in zip(members, lens, keep_len.tolist()):
+            self._park(
+                layer, [members[i] for i in parking], [lens[i] - keep[i] for i in parking], keep_idx[parking], key_mask[parking],
+                keys[parking], values[parking], key_pos[parking], None if result.state is None else result.state[parking],
+            )
+        for m, ln, kl in zip(members, lens, keep):
             if m.evict_layers[layer]:
                 nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
                 nl[layer] = kl
                 self.evicted_tokens += ln - kl
 
     @staticmethod
-    def _dropped(keep_idx: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def _dropped(keep_idx: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """Indices of the keys ``keep_idx`` leaves out, in position order: (B, H, T) with the
-        dropped ones first, and how many there are per row (the same in every head)."""
+        dropped ones first."""
         B, H, _ = keep_idx.shape
         T = key_mask.shape[1]
         kept = torch.zeros(B, H, T, dtype=torch.bool, device=keep_idx.device)
         kept.scatter_(2, keep_idx, True)  # padding entries repeat a kept index: harmless
         dropped = key_mask[:, None, :] & ~kept
         order = torch.sort((~dropped).to(torch.int8), dim=-1, stable=True).indices  # stable: position order
-        return order, dropped[:, 0].sum(-1).tolist()
+        return order
 
-    def _park(self, layer, members, keep_idx, key_mask, keys, values, key_pos, state, replace: bool = False) -> None:
-        """Send what the layer just dropped to the host store. keep_idx (B, H, K); keys,
-        values (B, H, T, D); key_pos, state (B, H, T). ``replace``: these become the
-        layer's whole parked run instead of being appended to it."""
-        order, counts = self._dropped(keep_idx, key_mask)
+    def _park(self, layer, members, counts, keep_idx, key_mask, keys, values, key_pos, state, replace: bool = False) -> None:
+        """Send what the layer just dropped (``counts[i]`` tokens of member i) to the host
+        store. keep_idx (B, H, K); keys, values (B, H, T, D); key_pos, state (B, H, T).
+        ``replace``: these become the layer's whole parked run instead of being appended."""
+        order = self._dropped(keep_idx, key_mask)
         for i, m in enumerate(members):
             c = counts[i]
             idx = order[i, :, :c]  # (H, c)
@@ -278,8 +282,8 @@ class Evictor:
         if pol.needs_queries:
             queries, q_pos, q_mask = self._queries(pol, [m], layer, q, meta)
         result = pol.score(ScoreContext(keys, values, pos, key_mask, queries, q_pos, q_mask, state, layer, self.num_layers))
-        keep_idx, keep_len = select_keep(result.scores, key_mask, budget, pol.sink, pol.window)
-        k = int(keep_len[0])
+        k = min(budget, U)  # known on the host: no device sync
+        keep_idx, _ = select_keep(result.scores, key_mask, budget, pol.sink, pol.window, max_keep=k)
         idx = keep_idx[0, :, :k]  # (H, k)
         dst = slots[:k]
         cache.k[layer, dst] = keys[0].gather(1, idx[..., None].expand(-1, -1, D)).transpose(0, 1)
@@ -296,7 +300,8 @@ class Evictor:
         held = meta.lens[m.b][layer]
         slots = meta.slots[m.b, :held]
         _, keep_idx, key_mask, (keys, values, pos, state) = self._select_union(layer, pol, m, q, meta, slots, held, held)
-        self._park(layer, [m], keep_idx, key_mask, keys, values, pos, state, replace=True)
+        parked = keys.shape[2] - held
+        self._park(layer, [m], [parked], keep_idx, key_mask, keys, values, pos, state, replace=True)
 
     def _recall(self, layer: int, pol: EvictionPolicy, m: _Member, q: torch.Tensor, meta) -> None:
         """Last chunk of a recall request: keep the layer's budget out of every prompt token."""
@@ -314,7 +319,7 @@ class Evictor:
             W = pol.obs_window
             queries = torch.stack([w.q[layer] for w in wins]).permute(0, 2, 1, 3)  # (B, H_q, W, D)
             q_pos = torch.stack([w.pos for w in wins])  # (B, W)
-            filled = torch.tensor([w.filled for w in wins], device=dev)
+            filled = to_device([w.filled for w in wins], torch.int64, dev)
             q_mask = torch.arange(W, device=dev)[None, :] >= (W - filled)[:, None]  # newest at the end
             return queries, q_pos, q_mask
         # every query of this step (stateful policies fold them in step by step)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.transfer import to_device
+
 
 @dataclass
 class SeqKV:
@@ -147,7 +149,7 @@ class KVCache:
         for i, r in enumerate(rows):
             if r:
                 table[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        return table.to(self.device, non_blocking=True)
+        return to_device(table, torch.int64, self.device)
 
     def slots(self, block_table: torch.Tensor) -> torch.Tensor:
         """(B, width) block ids -> (B, width * block_size) slot ids, token order."""

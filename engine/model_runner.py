@@ -11,6 +11,8 @@ import torch
 from engine.attention import PoolAttention, StepMetadata
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
+from engine.transfer import to_device
+from engine.triton_attention import HAS_TRITON
 from engine.models.llama import DecoderModel, ModelSpec, load_weights_source, rope_inv_freq
 from engine.evictor import Evictor, QueryWindow
 from engine.host_store import HostKVStore
@@ -62,6 +64,10 @@ class ModelRunner:
                     else:  # norm scales
                         p.fill_(1.0)
         self.model = model.eval().requires_grad_(False)
+        backend = config.attention_backend
+        if backend == "triton" and not (HAS_TRITON and self.device.type == "cuda"):
+            raise ValueError("attention_backend='triton' needs CUDA and Triton")
+        self.fused = backend == "triton" or (backend == "auto" and HAS_TRITON and self.device.type == "cuda")
 
     # ---- the pool ---------------------------------------------------------------------------
 
@@ -125,8 +131,8 @@ class ModelRunner:
             start = req.num_computed_tokens
             ids.extend(req.all_token_ids[start : start + n])
             pos.extend(range(start, start + n))
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
-        positions = torch.tensor(pos, dtype=torch.int64).to(self.device, non_blocking=True)
+        input_ids = to_device(ids, torch.int64, self.device)
+        positions = to_device(pos, torch.int64, self.device)
         meta = StepMetadata.build(cache, [r.request_id for r in requests], num_new, positions)
         evictor = None
         if any(r.policy is not None for r in requests):
@@ -136,7 +142,7 @@ class ModelRunner:
             per_req = [positions[meta.query_start[b] : meta.query_start[b + 1]] for b in range(len(requests))]
             if not evictor.plan(requests, num_new, per_req):
                 evictor = None
-        ctx = PoolAttention(cache, meta, evictor)
+        ctx = PoolAttention(cache, meta, evictor, fused=self.fused)
         hidden = self.model(input_ids, positions, ctx)
         for req, n in zip(requests, num_new):
             cache.commit(req.request_id, n)
@@ -144,5 +150,5 @@ class ModelRunner:
         if evictor is not None:
             evictor.finish()
             evicted = evictor.evicted_tokens
-        rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
+        rows = to_device(logit_rows, torch.int64, self.device)
         return self.model.compute_logits(hidden.index_select(0, rows)), evicted

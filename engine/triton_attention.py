@@ -210,6 +210,7 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,  # tokens per pool block
         MASK: tl.constexpr,  # False: every row sees every key of this tile
         PAD_D: tl.constexpr,  # BLOCK_D > HEAD_DIM
+        DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact checks), else tensor cores
     ):
         offs_t = tile * TILE + tl.arange(0, TILE)  # (TILE,) key index in the request
         if MASK:
@@ -232,7 +233,7 @@ if HAS_TRITON:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
 
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, TILE) float32, log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, TILE) float32, log2 units
         if MASK:
             s = tl.where(offs_t[None, :] <= q_abs[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BLOCK_M,)
@@ -245,7 +246,7 @@ if HAS_TRITON:
         p = tl.math.exp2(s - m_sub[:, None])  # (BLOCK_M, TILE)
         alpha = tl.math.exp2(m_i - m_sub)  # (BLOCK_M,) rescales what was summed so far
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # (BLOCK_M, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
         return acc, m_new, l_i
 
     # num_reqs / num_tokens change every step: no recompile per value, and never the
@@ -285,6 +286,7 @@ if HAS_TRITON:
         TILE: tl.constexpr,  # keys per inner step
         NUM_SPLITS: tl.constexpr,  # >1: split-KV, write partials
         DECODE: tl.constexpr,  # every request has at most one query: program id = request
+        DOT_PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -342,12 +344,12 @@ if HAS_TRITON:
         for t in range(lo, tl.minimum(hi, n_full)):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k_head_ptr, v_head_ptr, bt_row_ptr, t, kv_end, q_abs, qk_scale,
-                offs_d, d_ok, stride_ks, stride_vs, TILE, BLOCK_SIZE, False, BLOCK_D != HEAD_DIM,
+                offs_d, d_ok, stride_ks, stride_vs, TILE, BLOCK_SIZE, False, BLOCK_D != HEAD_DIM, DOT_PRECISION,
             )
         for t in range(tl.maximum(lo, n_full), hi):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k_head_ptr, v_head_ptr, bt_row_ptr, t, kv_end, q_abs, qk_scale,
-                offs_d, d_ok, stride_ks, stride_vs, TILE, BLOCK_SIZE, True, BLOCK_D != HEAD_DIM,
+                offs_d, d_ok, stride_ks, stride_vs, TILE, BLOCK_SIZE, True, BLOCK_D != HEAD_DIM, DOT_PRECISION,
             )
 
         if NUM_SPLITS == 1:
@@ -502,6 +504,8 @@ def _launch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, out, sc
         block_table.stride(0),
         NUM_Q_HEADS=hq, G=g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE=cfg["tile"], NUM_SPLITS=splits, DECODE=decode,
+        # float32 pools are for checks: full-precision dots, not tf32 (~1e-3)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
@@ -530,6 +534,9 @@ def paged_attention_triton(
     ``pick_config``'s answer in every launch (benchmarks)."""
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
+    # the kernel indexes these by raw pointer: a strided view (a row of an (L, B) tensor
+    # built transposed) would be read wrong
+    seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
     n, hq, hkv, d, b = _check(q, k_cache, v_cache, block_table, seq_lens, query_start_loc)
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the head dim of q, k_cache and v_cache must be contiguous")

@@ -22,6 +22,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evict-decode-every", type=int, default=0, help="also evict every k decode steps (0: prefill only)")
     p.add_argument("--kv-recall", action=argparse.BooleanOptionalAction, default=False, help="park evicted prefill K/V in host memory and re-select at the last chunk")
     p.add_argument("--host-kv-tokens", type=int, default=None, help="recall's host store capacity in tokens per layer")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"], help="auto: fused Triton kernels on CUDA")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -41,6 +42,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         evict_decode_every=args.evict_decode_every,
         kv_recall=args.kv_recall,
         host_kv_tokens=args.host_kv_tokens,
+        attention_backend=args.attention_backend,
         seed=args.seed,
     )
 
