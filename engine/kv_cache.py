@@ -104,10 +104,6 @@ class KVCache:
             s = self.seqs[request_id] = SeqKV(lens=[0] * self.num_layers)
         return s
 
-    def max_len(self, request_id: str) -> int:
-        s = self.seqs.get(request_id)
-        return max(s.lens) if s else 0
-
     def grow(self, request_id: str, new_tokens: int) -> bool:
         """Make room for ``new_tokens`` more tokens in every layer. All or nothing: returns
         False, allocating nothing, if the pool has too few free blocks."""

@@ -82,12 +82,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    @property
-    def in_prefill(self) -> bool:
-        """True until the model has read every prompt token (and, after a preemption, every
-        token generated before it)."""
-        return self.num_computed_tokens < self.num_tokens - (1 if self.output_token_ids else 0)
-
     def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason

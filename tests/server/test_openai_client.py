@@ -223,11 +223,14 @@ def test_kv_policy_extension(client, model_id):
     assert "no-such-policy" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(**base, extra_body={"kv_budget": -5})
-    try:  # an evicting policy, once the engine serves them
-        s = client.completions.create(**base, extra_body={"kv_policy": "snapkv", "kv_budget": 48, "ignore_eos": True})
-    except openai.BadRequestError as exc:
-        pytest.skip(f"engine does not serve snapkv yet: {exc}")
+    s = client.completions.create(**base, extra_body={"kv_policy": "snapkv", "kv_budget": 48, "ignore_eos": True})
     assert s.usage.completion_tokens == 4
+    # recall, per request
+    rc = client.completions.create(**base, extra_body={"kv_policy": "snapkv", "kv_budget": 24, "kv_recall": True, "ignore_eos": True})
+    assert rc.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**base, extra_body={"kv_policy": "snapkv", "kv_budget": 24, "kv_recall": "maybe"})
+    assert "kv_recall" in str(e.value)
 
 
 def test_stop_token_ids_and_min_tokens(client, server, model_id):
