@@ -234,19 +234,21 @@ class Evictor:
         """Send what the layer just dropped (``counts[i]`` tokens of member i) to the host
         store. keep_idx (B, H, K); keys, values (B, H, T, D); key_pos, state (B, H, T).
         ``replace``: these become the layer's whole parked run instead of being appended."""
-        order = self._dropped(keep_idx, key_mask)
+        cmax = max(counts)
+        idx = self._dropped(keep_idx, key_mask)[:, :, :cmax]  # (B, H, C)
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # (B, H, T[, D]) -> (B, C, H[, D]), one gather for all
+            ix = idx[..., None].expand(-1, -1, -1, t.shape[-1]) if t.dim() == 4 else idx
+            return t.gather(2, ix).transpose(1, 2).contiguous()
+
+        k, v, pos = take(keys), take(values), take(key_pos)
+        st = None if state is None else take(state)
         for i, m in enumerate(members):
             c = counts[i]
-            idx = order[i, :, :c]  # (H, c)
-
-            def take(t: torch.Tensor) -> torch.Tensor:  # (H, T[, D]) -> (c, H[, D])
-                ix = idx[..., None].expand(-1, -1, t.shape[-1]) if t.dim() == 4 else idx
-                return t[i].gather(1, ix).transpose(0, 1).contiguous()
-
             if replace:
                 self.host.seqs[m.req.request_id].lens[layer] = 0
-            if c:
-                self.host.park(m.req.request_id, layer, take(keys), take(values), take(key_pos), None if state is None else take(state))
+            if c:  # rows are contiguous (c, H[, D]) slices: one copy per host block run
+                self.host.park(m.req.request_id, layer, k[i, :c], v[i, :c], pos[i, :c], None if st is None else st[i, :c])
 
     def _union(self, layer: int, pol: EvictionPolicy, m: _Member, slots: torch.Tensor, held: int):
         """The layer's tokens in the pool (``slots``, of which the first ``held`` were there
