@@ -199,13 +199,11 @@ class Evictor:
         rows = torch.repeat_interleave(torch.arange(B), torch.tensor(keep))
         cols = torch.cat([torch.arange(k) for k in keep])
         rows, cols = to_device(rows, torch.int64, dev), to_device(cols, torch.int64, dev)
-        dst = slots[rows, cols]  # (M,) kept tokens move to the front of each row
-        # (B, H, K, D) -> rows (M, H, D)
-        cache.k[layer].index_copy_(0, dst, keys.gather(2, gidx)[rows, :, cols])
-        cache.v[layer].index_copy_(0, dst, values.gather(2, gidx)[rows, :, cols])
-        cache.pos[layer].index_copy_(0, dst, key_pos.gather(2, keep_idx)[rows, :, cols].to(torch.int32))
-        if result.state is not None:
-            cache.state[layer].index_copy_(0, dst, result.state.gather(2, keep_idx)[rows, :, cols])
+        # (B, H, K[, D]) -> rows (M, H[, D]); kept tokens move to the front of each row
+        self._store(
+            layer, slots[rows, cols], keys.gather(2, gidx)[rows, :, cols], values.gather(2, gidx)[rows, :, cols],
+            key_pos.gather(2, keep_idx)[rows, :, cols], None if result.state is None else result.state.gather(2, keep_idx)[rows, :, cols],
+        )
         parking = [i for i, m in enumerate(members) if m.recall and m.evict_layers[layer]]
         if parking:
             self._park(
@@ -217,6 +215,15 @@ class Evictor:
                 nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
                 nl[layer] = kl
                 self.evicted_tokens += ln - kl
+
+    def _store(self, layer: int, dst: torch.Tensor, k, v, pos, state) -> None:
+        """Write kept tokens into the pool: dst (M,) slots; k, v (M, H, D); pos, state (M, H)."""
+        cache = self.cache
+        cache.k[layer].index_copy_(0, dst, k)
+        cache.v[layer].index_copy_(0, dst, v)
+        cache.pos[layer].index_copy_(0, dst, pos.to(torch.int32))
+        if state is not None:
+            cache.state[layer].index_copy_(0, dst, state)
 
     @staticmethod
     def _dropped(keep_idx: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -276,7 +283,7 @@ class Evictor:
         """Score the union with the observation window, keep ``budget`` per head, write the
         kept tokens to the front of ``slots``; returns (kept count, select_keep's output,
         the union) so the caller can park what was left out."""
-        cache, dev = self.cache, self.cache.device
+        dev = self.cache.device
         keys, values, pos, state = self._union(layer, pol, m, slots, held)
         U, D = keys.shape[2], keys.shape[3]
         key_mask = torch.ones(1, U, dtype=torch.bool, device=dev)
@@ -287,12 +294,11 @@ class Evictor:
         k = min(budget, U)  # known on the host: no device sync
         keep_idx, _ = select_keep(result.scores, key_mask, budget, pol.sink, pol.window, max_keep=k)
         idx = keep_idx[0, :, :k]  # (H, k)
-        dst = slots[:k]
-        cache.k[layer, dst] = keys[0].gather(1, idx[..., None].expand(-1, -1, D)).transpose(0, 1)
-        cache.v[layer, dst] = values[0].gather(1, idx[..., None].expand(-1, -1, D)).transpose(0, 1)
-        cache.pos[layer, dst] = pos[0].gather(1, idx).T.to(torch.int32)
-        if result.state is not None:
-            cache.state[layer, dst] = result.state[0].gather(1, idx).T
+        gidx = idx[..., None].expand(-1, -1, D)
+        self._store(
+            layer, slots[:k], keys[0].gather(1, gidx).transpose(0, 1), values[0].gather(1, gidx).transpose(0, 1),
+            pos[0].gather(1, idx).T, None if result.state is None else result.state[0].gather(1, idx).T,
+        )
         return k, keep_idx, key_mask, (keys, values, pos, result.state)
 
     def _recall_before_attention(self, layer, pol, m, q, meta) -> None:

@@ -81,6 +81,10 @@ class LLMEngine:
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError, with a message fit for a client, if the request cannot run."""
+        self._validated("probe", prompt_ids, params)
+
+    def _validated(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """The request with its policy resolved, or ValueError if it cannot run."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         vocab = self.runner.spec.vocab_size
@@ -93,11 +97,12 @@ class LLMEngine:
                 f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} completion tokens "
                 f"({len(prompt_ids) + params.max_tokens} in total)"
             )
-        probe = Request("probe", list(prompt_ids), params)
-        self._resolve_policy(probe)
-        if not self.scheduler.fits_pool(probe):
-            need = self.scheduler.footprint_tokens(probe)
+        req = Request(request_id, list(prompt_ids), params)
+        self._resolve_policy(req)
+        if not self.scheduler.fits_pool(req):
+            need = self.scheduler.footprint_tokens(req)
             raise ValueError(f"the request needs {need} tokens of KV cache, more than the pool holds ({self.cache.capacity_tokens})")
+        return req
 
     def _resolve_policy(self, req: Request) -> None:
         """The request's policy and per-layer budgets (its own, else the engine's default)."""
@@ -108,22 +113,20 @@ class LLMEngine:
         if not policy.evicts:
             req.policy, req.layer_budgets = None, None
             return
-        budget = req.params.kv_budget if req.params.kv_budget is not None else self.config.eviction.kv_budget
+        budget = req.params.kv_budget if req.params.kv_budget is not None else ev.kv_budget
         if budget is None:
             raise ValueError(f"kv_policy {policy.name!r} evicts and needs a kv_budget (tokens kept per layer and KV head)")
         policy.validate_budget(budget)
         req.policy = policy
         req.layer_budgets = policy.layer_budgets(budget, self.runner.spec.num_layers)
         recall = req.params.kv_recall
-        req.recall = self.config.eviction.kv_recall if recall is None else recall
+        req.recall = ev.kv_recall if recall is None else recall
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         prompt_ids = self.tokenize(prompt)
-        self.check_request(prompt_ids, params)
-        req = Request(request_id, prompt_ids, params)
-        self._resolve_policy(req)
+        req = self._validated(request_id, prompt_ids, params)
         if not params.greedy:
             seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._seed_counter))) & (2**63 - 1)
             req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)

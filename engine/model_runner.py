@@ -24,6 +24,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _CPU_POOL_CAP = 1 << 30  # a CPU pool larger than this only slows tests and small hosts down
 
 
+def _available_ram() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +90,7 @@ class ModelRunner:
             # keep activations' room: the fraction's remainder plus 1 GiB
             avail = int(free * cc.memory_fraction) - (1 << 30)
         else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            free = _available_ram()
             avail = min(int(free * cc.memory_fraction), _CPU_POOL_CAP)
         tokens = min(avail // per_token, max_useful_tokens)
         if tokens < cc.block_size:
@@ -103,8 +107,7 @@ class ModelRunner:
         s = self.spec
         tokens = self.config.cache.host_kv_tokens
         if tokens is None:
-            ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            tokens = min(gpu_pool_tokens, ram // 4 // (self.kv_bytes_per_token() + 4 * s.num_layers * s.num_kv_heads))
+            tokens = min(gpu_pool_tokens, _available_ram() // 4 // (self.kv_bytes_per_token() + 4 * s.num_layers * s.num_kv_heads))
         store = HostKVStore(s.num_layers, s.num_kv_heads, s.head_dim, tokens, self.dtype, self.device)
         log.info("recall host store: %d tokens per layer (%.2f GiB, pinned=%s)", store.capacity_tokens, store.capacity_tokens * self.kv_bytes_per_token() / 2**30, store.pin_memory)
         return store
