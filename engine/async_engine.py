@@ -10,6 +10,10 @@ Cancellation is the disconnect path: when the consumer of a stream stops (closes
 task is cancelled), the stream's unfinished requests are aborted in the engine, which frees
 their KV before its next step.
 
+Failures: a step that raises ``StepError`` (``engine/faults.py``) ends the requests it was
+running with finish_reason ``error`` and frees their KV; the thread keeps stepping for the
+others and for new requests.
+
 Nothing here knows about HTTP.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from engine.faults import StepError
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.stats import EngineStats
@@ -257,7 +262,12 @@ class AsyncEngine:
             return True
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # the engine is broken for the requests in flight only
+        except StepError as exc:  # the step's requests are broken; the others go on
+            logger.error("engine step failed (%s); failing its %d request(s)", exc, len(exc.request_ids), exc_info=exc.__cause__)
+            self._fail(exc.request_ids, f"engine error: {exc}")
+            state["last_step_failed"] = True
+            return True
+        except Exception as exc:  # no telling which requests it broke: all of those in flight
             logger.exception("engine step failed; failing %d request(s)", len(self._entries))
             self._finish_all("error", f"engine error: {type(exc).__name__}: {exc}")
             state["last_step_failed"] = True
@@ -353,6 +363,17 @@ class AsyncEngine:
         for rid, entry in list(self._entries.items()):
             self._engine_abort(rid)
             finals.append((rid, self._final(rid, entry, reason, error)))
+        self._dispatch(finals, time.monotonic())
+
+    def _fail(self, request_ids: list[str], error: str) -> None:
+        """End these requests with finish_reason ``error``; aborting them in the engine frees
+        their KV before its next step."""
+        finals = []
+        for rid in request_ids:
+            self._engine_abort(rid)
+            entry = self._entries.get(rid)
+            if entry is not None:
+                finals.append((rid, self._final(rid, entry, "error", error)))
         self._dispatch(finals, time.monotonic())
 
     @staticmethod

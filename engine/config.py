@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.faults import FaultConfig
+
 
 @dataclass
 class CacheConfig:
@@ -123,6 +125,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Fault injection for reliability tests (``engine/faults.py``); off by default."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -137,7 +141,7 @@ class EngineConfig:
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
         """Build a config from flat keywords: top-level fields, or fields of any group."""
-        groups = {"cache": CacheConfig, "scheduler": SchedulerConfig, "eviction": EvictionConfig}
+        groups = {"cache": CacheConfig, "scheduler": SchedulerConfig, "eviction": EvictionConfig, "faults": FaultConfig}
         top = {f.name for f in dataclasses.fields(cls)} - set(groups)
         found: dict[str, dict[str, Any]] = {g: {} for g in groups}
         direct: dict[str, Any] = {}

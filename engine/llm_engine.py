@@ -12,6 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.default_model import DEFAULT_MODEL_NAME, resolve_model
 from engine.detokenizer import Detokenizer
+from engine.faults import StepError
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.request import FinishReason, Request, RequestStatus, TokenLogprob
@@ -163,7 +164,12 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         touched: list[Request] = []
         if sched.requests:
-            touched = self._run(sched.requests, sched.num_new_tokens)
+            # A failure here breaks the requests of this step only: name them (faults.py).
+            try:
+                self.config.faults.check_step(sched.requests)  # testing only; no-op unless configured
+                touched = self._run(sched.requests, sched.num_new_tokens)
+            except Exception as exc:
+                raise StepError([r.request_id for r in sched.requests], exc) from exc
         st = self._stats
         st.num_steps_total += bool(sched.requests)
         st.running_batch_size = len(sched.requests)

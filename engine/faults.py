@@ -1,0 +1,58 @@
+"""Failures of one engine step: the error that names what a failed step was running, and a
+switch that makes a step fail on demand.
+
+A step that raises (a CUDA error, a bug in a kernel, an out-of-memory in the forward) has
+broken the requests it was running, and only those: requests waiting for admission, or
+running but not scheduled in that step, hold intact state. So ``LLMEngine.step()`` wraps any
+failure in ``StepError`` naming the step's requests, and ``AsyncEngine`` fails exactly those
+(freeing their KV) and keeps stepping for the rest.
+
+``FaultConfig`` is for testing that path end to end, in a real server, without patching its
+process: ``batchmax serve --debug-fail-step-token ID`` makes every step that schedules a
+request whose prompt contains token ``ID`` raise ``InjectedFault`` after the scheduler has
+allocated the step's KV blocks, exactly where a failing forward pass would. Off (``None``)
+by default; never set it in production.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.request import Request
+
+
+class StepError(RuntimeError):
+    """``LLMEngine.step()`` failed while running ``request_ids``; the engine's other requests
+    are untouched and may go on. The original exception is the ``__cause__``."""
+
+    def __init__(self, request_ids: Sequence[str], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = list(request_ids)
+
+
+class InjectedFault(RuntimeError):
+    """The failure ``FaultConfig`` asked for (testing only)."""
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection, for reliability tests only (see the module docstring)."""
+
+    debug_fail_step_token: int | None = None
+    """A step that schedules any request whose prompt contains this token id raises
+    ``InjectedFault``. ``None``: never."""
+
+    def __post_init__(self) -> None:
+        if self.debug_fail_step_token is not None and self.debug_fail_step_token < 0:
+            raise ValueError(f"debug_fail_step_token must be a token id (>= 0), got {self.debug_fail_step_token}")
+
+    def check_step(self, requests: Sequence["Request"]) -> None:
+        """Raise ``InjectedFault`` if this step is one to fail."""
+        token = self.debug_fail_step_token
+        if token is None:
+            return
+        poisoned = [r.request_id for r in requests if token in r.prompt_token_ids]
+        if poisoned:
+            raise InjectedFault(f"injected step failure (prompt token {token} in request {poisoned[0]})")
