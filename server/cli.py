@@ -23,7 +23,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-recall", action=argparse.BooleanOptionalAction, default=False, help="park evicted prefill K/V in host memory and re-select at the last chunk")
     p.add_argument("--host-kv-tokens", type=int, default=None, help="recall's host store capacity in tokens per layer")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"], help="auto: fused Triton kernels on CUDA")
+    p.add_argument("--decode-reserve-tokens", type=int, default=None,
+                   help="decode tokens reserved per request at admission (default: all max_tokens, never preempts); "
+                        "fewer admits more and preempts (recompute) when the pool runs out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug-fail-step-token", type=int, default=None, metavar="ID",
+                   help="TESTING ONLY: every engine step that schedules a request whose prompt holds token ID fails "
+                        "(fault injection, see engine/faults.py)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -44,6 +50,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         host_kv_tokens=args.host_kv_tokens,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        decode_reserve_tokens=args.decode_reserve_tokens,
+        debug_fail_step_token=args.debug_fail_step_token,
     )
 
 
