@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncEngine
 from server.metrics import ServerMetrics
+from server.openapi import install_openapi
 from server.protocol import APIError
 from server.settings import ServerSettings
 
@@ -159,6 +160,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         return _error(APIError(500, f"Internal server error ({type(exc).__name__}).", "server_error"))
 
     app.include_router(routes.router)
+    install_openapi(app)
     return app
 
 
