@@ -171,6 +171,14 @@ class ResponseFormat(_Request):
     type: str = "text"
 
 
+# transformers' apply_chat_template parameters (5.x), which chat_template_kwargs must not set
+_TEMPLATE_PARAMETERS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -186,6 +194,19 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # These are extra variables for the template; a key naming one of
+        # apply_chat_template's own parameters would instead change how it runs:
+        # ``chat_template`` would run the client's own Jinja code on the server's event
+        # loop (a loop can stall every other request), ``tokenize``/``return_dict`` change
+        # what it returns.
+        bad = sorted(set(v or ()) & _TEMPLATE_PARAMETERS)
+        if bad:
+            raise ValueError(f"{bad[0]!r} cannot be set through chat_template_kwargs (only template variables can)")
+        return v
 
     def unsupported(self) -> tuple[str, str] | None:
         base = super().unsupported()
