@@ -15,7 +15,7 @@ from tests.server.conftest import ServerProc, start_server
 VOCAB = 49152  # the tiny models borrow SmolLM2's tokenizer
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def load_server(tiny_llama, tmp_path_factory) -> ServerProc:
     """Default options: room for 256 running requests and 1024 queued."""
     srv = start_server(tiny_llama, tmp_path_factory)
