@@ -120,6 +120,11 @@ class EngineConfig:
     attention_backend: str = "auto"
     """``auto`` (the fused Triton kernels on CUDA when Triton is installed, else torch),
     ``triton`` or ``torch`` (the reference: SDPA per request over gathered K/V)."""
+    cuda_graphs: bool = True
+    """Replay decode-only steps from CUDA graphs captured per batch-size bucket (on CUDA with
+    the fused kernels; steps that evict, or need prompt logprobs, run eagerly)."""
+    cuda_graph_max_batch: int = 256
+    """Largest decode batch served from a graph; larger batches run eagerly."""
     seed: int = 0
     """Seeds the generators of requests that carry no seed of their own."""
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -133,6 +138,8 @@ class EngineConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}")
+        if self.cuda_graph_max_batch < 1:
+            raise ValueError("cuda_graph_max_batch must be >= 1")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):

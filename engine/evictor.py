@@ -34,7 +34,6 @@ from engine.attention import PoolAttention
 from engine.eviction import select_keep
 from engine.host_store import HostKVStore
 from engine.kv_cache import KVCache
-from engine.transfer import to_device
 from engine.request import Request
 from policies import EvictionPolicy, ScoreContext
 
@@ -104,8 +103,9 @@ class Evictor:
 
     # ---- planning (before the forward) -------------------------------------------------------
 
-    def plan(self, requests: list[Request], num_new: list[int], positions: list[torch.Tensor]) -> bool:
-        """Decide who evicts where; returns False when nobody needs the hook this step."""
+    def plan(self, requests: list[Request], num_new: list[int], positions: torch.Tensor, query_start: list[int]) -> bool:
+        """Decide who evicts where; returns False when nobody needs the hook this step.
+        ``positions`` (N,) of the packed tokens, request b's at ``query_start[b]:query_start[b + 1]``."""
         for b, (req, n) in enumerate(zip(requests, num_new)):
             policy = req.policy
             if policy is None:
@@ -125,7 +125,7 @@ class Evictor:
                     w = self.windows[req.request_id] = QueryWindow(
                         self.num_layers, policy.obs_window, self.num_heads, self.cache.head_dim, self.q_dtype, self.cache.device
                     )
-                w.push_positions(positions[b])
+                w.push_positions(positions[query_start[b] : query_start[b + 1]])
             if not (any(evict) or policy.stateful or windowed):
                 continue
             recall = req.recall and not decode and self.host is not None and req.request_id in self.host.seqs
@@ -171,7 +171,7 @@ class Evictor:
         lens = [meta.lens[m.b][layer] + m.n for m in members]  # held after this step's writes
         T = max(lens)
         slots = meta.slots[[m.b for m in members], :T]  # (B, T); pad entries are valid slots of the row
-        lens_t = to_device(lens, torch.int64, dev)
+        lens_t = cache.stager.to_device(lens, torch.int64)
         key_mask = torch.arange(T, device=dev)[None, :] < lens_t[:, None]  # (B, T)
         keys = cache.k[layer, slots].transpose(1, 2)  # (B, H_kv, T, D)
         values = cache.v[layer, slots].transpose(1, 2)
@@ -184,7 +184,7 @@ class Evictor:
         if pol.stateful:
             if cache.state is None:
                 cache.ensure_state()
-            held = to_device([meta.lens[m.b][layer] for m in members], torch.int64, dev)
+            held = cache.stager.to_device([meta.lens[m.b][layer] for m in members], torch.int64)
             old = torch.arange(T, device=dev)[None, :] < held[:, None]  # new keys start at 0
             state = cache.state[layer, slots].transpose(1, 2) * old[:, None, :]  # (B, H_kv, T)
         ctx = ScoreContext(keys, values, key_pos, key_mask, queries, q_pos, q_mask, state, layer, self.num_layers)
@@ -193,12 +193,12 @@ class Evictor:
         # rows that do not evict keep everything (stateful policies still update their state);
         # every count is known on the host, so nothing here waits for the GPU
         keep = [min(m.req.layer_budgets[layer], ln) if m.evict_layers[layer] else ln for m, ln in zip(members, lens)]
-        keep_idx, _ = select_keep(result.scores, key_mask, to_device(keep, torch.int64, dev), pol.sink, pol.window, max_keep=max(keep))
+        keep_idx, _ = select_keep(result.scores, key_mask, cache.stager.to_device(keep, torch.int64), pol.sink, pol.window, max_keep=max(keep))
         D = keys.shape[-1]
         gidx = keep_idx[..., None].expand(-1, -1, -1, D)
         rows = torch.repeat_interleave(torch.arange(B), torch.tensor(keep))
         cols = torch.cat([torch.arange(k) for k in keep])
-        rows, cols = to_device(rows, torch.int64, dev), to_device(cols, torch.int64, dev)
+        rows, cols = cache.stager.to_device(rows, torch.int64), cache.stager.to_device(cols, torch.int64)
         # (B, H, K[, D]) -> rows (M, H[, D]); kept tokens move to the front of each row
         self._store(
             layer, slots[rows, cols], keys.gather(2, gidx)[rows, :, cols], values.gather(2, gidx)[rows, :, cols],
@@ -327,7 +327,7 @@ class Evictor:
             W = pol.obs_window
             queries = torch.stack([w.q[layer] for w in wins]).permute(0, 2, 1, 3)  # (B, H_q, W, D)
             q_pos = torch.stack([w.pos for w in wins])  # (B, W)
-            filled = to_device([w.filled for w in wins], torch.int64, dev)
+            filled = self.cache.stager.to_device([w.filled for w in wins], torch.int64)
             q_mask = torch.arange(W, device=dev)[None, :] >= (W - filled)[:, None]  # newest at the end
             return queries, q_pos, q_mask
         # every query of this step (stateful policies fold them in step by step)

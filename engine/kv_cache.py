@@ -16,7 +16,8 @@ the per-step metadata O(requests) instead of O(requests x layers). All layers ho
 number of tokens with the full cache and with uniform budgets; with per-layer budgets
 (PyramidKV) a request's blocks cover its largest layer, so pyramid budgets change accuracy,
 not memory. The paged layout lets requests of any length share the pool without
-fragmentation, and freeing a request returns its blocks at once.
+fragmentation, and freeing a request returns its blocks at once. One extra block
+(``scratch_block``) is never handed out; padded rows of a CUDA-graph batch use it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.transfer import to_device
+from engine.transfer import PinnedStager
 
 
 @dataclass
@@ -55,13 +56,18 @@ class KVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
-        slots = num_blocks * block_size
+        # one block past the last is never handed out: padded rows of a CUDA-graph batch write
+        # their K/V there and read it back, so padding never touches a request's cache
+        self.scratch_block = num_blocks
+        slots = (num_blocks + 1) * block_size
         # empty, not zeros: only slots below a request's held length are ever read
         shape = (num_layers, slots, num_kv_heads)
         self.k = torch.empty(*shape, head_dim, dtype=dtype, device=device, pin_memory=pin_memory)
         self.v = torch.empty(*shape, head_dim, dtype=dtype, device=device, pin_memory=pin_memory)
         self.pos = torch.empty(*shape, dtype=torch.int32, device=device, pin_memory=pin_memory)
         self.pin_memory = pin_memory
+        self.stager = PinnedStager(self.device)
+        """Stages the small host->device copies of the steps over this pool."""
         self.state: torch.Tensor | None = None
         """(L, num_slots, H_kv) float32 running scores of stateful policies (h2o), made on first use."""
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # stack: low ids first
@@ -145,7 +151,7 @@ class KVCache:
         for i, r in enumerate(rows):
             if r:
                 table[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        return to_device(table, torch.int64, self.device)
+        return self.stager.to_device(table, torch.int64)
 
     def slots(self, block_table: torch.Tensor) -> torch.Tensor:
         """(B, width) block ids -> (B, width * block_size) slot ids, token order."""

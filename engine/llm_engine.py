@@ -43,6 +43,8 @@ class LLMEngine:
         sc = config.scheduler
         useful = sc.max_num_seqs * self.max_model_len + sc.chunk_size
         self.cache = self.runner.allocate_cache(self.runner.pool_tokens(useful))
+        # a request's blocks cover at most max_model_len tokens plus one chunk being evicted
+        self.runner.prepare_cuda_graphs(self.cache, self.cache.blocks_for(self.max_model_len + sc.chunk_size))
         self.scheduler = Scheduler(sc, self.cache, config.eviction.evict_decode_every)
         if config.eviction.kv_recall or config.cache.host_kv_tokens:
             self._ensure_host_store()  # up front: pinning gigabytes mid-serving would stall

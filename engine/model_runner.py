@@ -10,8 +10,8 @@ import torch
 
 from engine.attention import PoolAttention, StepMetadata
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVCache
-from engine.transfer import to_device
 from engine.triton_attention import HAS_TRITON
 from engine.models.llama import DecoderModel, ModelSpec, load_weights_source, rope_inv_freq
 from engine.evictor import Evictor, QueryWindow
@@ -72,6 +72,7 @@ class ModelRunner:
         if backend == "triton" and not (HAS_TRITON and self.device.type == "cuda"):
             raise ValueError("attention_backend='triton' needs CUDA and Triton")
         self.fused = backend == "triton" or (backend == "auto" and HAS_TRITON and self.device.type == "cuda")
+        self.graphs: DecodeGraphs | None = None
 
     # ---- the pool ---------------------------------------------------------------------------
 
@@ -112,6 +113,16 @@ class ModelRunner:
         log.info("recall host store: %d tokens per layer (%.2f GiB, pinned=%s)", store.capacity_tokens, store.capacity_tokens * self.kv_bytes_per_token() / 2**30, store.pin_memory)
         return store
 
+    def prepare_cuda_graphs(self, cache: KVCache, max_blocks: int) -> None:
+        """Capture the decode graphs over ``cache`` (CUDA with the fused kernels only)."""
+        cfg = self.config
+        if not (cfg.cuda_graphs and self.fused and self.device.type == "cuda"):
+            return
+        self.graphs = DecodeGraphs(self.model, cache, min(cfg.cuda_graph_max_batch, cfg.scheduler.max_num_seqs), max_blocks)
+        with torch.inference_mode():
+            self.graphs.capture_all()
+        log.info("CUDA graphs captured for decode batches %s", self.graphs.buckets)
+
     # ---- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -132,26 +143,32 @@ class ModelRunner:
         pos: list[int] = []
         for req, n in zip(requests, num_new):
             start = req.num_computed_tokens
-            ids.extend(req.all_token_ids[start : start + n])
+            ids.extend(req.token_ids(start, n))
             pos.extend(range(start, start + n))
-        input_ids = to_device(ids, torch.int64, self.device)
-        positions = to_device(pos, torch.int64, self.device)
+        input_ids = cache.stager.to_device(ids, torch.int64)
+        positions = cache.stager.to_device(pos, torch.int64)
         meta = StepMetadata.build(cache, [r.request_id for r in requests], num_new, positions)
         evictor = None
         if any(r.policy is not None for r in requests):
             spec = self.spec
             ev = self.config.eviction
             evictor = Evictor(cache, spec.num_layers, spec.num_heads, ev.evict_decode_every, windows, self.dtype, host, ev.recall_attention)
-            per_req = [positions[meta.query_start[b] : meta.query_start[b + 1]] for b in range(len(requests))]
-            if not evictor.plan(requests, num_new, per_req):
+            if not evictor.plan(requests, num_new, positions, meta.query_start):
                 evictor = None
-        ctx = PoolAttention(cache, meta, evictor, fused=self.fused)
-        hidden = self.model(input_ids, positions, ctx)
+        graphs = self.graphs
+        if (
+            graphs is not None and evictor is None and graphs.cache is cache and meta.num_decodes == len(requests)
+            and len(logit_rows) == len(requests) and graphs.usable(meta)
+        ):
+            # decode-only and nothing to evict: replay; every row is one request's last token
+            hidden = graphs.run(meta, input_ids, positions)
+        else:
+            hidden = self.model(input_ids, positions, PoolAttention(cache, meta, evictor, fused=self.fused))
         for req, n in zip(requests, num_new):
             cache.commit(req.request_id, n)
         evicted = 0
         if evictor is not None:
             evictor.finish()
             evicted = evictor.evicted_tokens
-        rows = to_device(logit_rows, torch.int64, self.device)
+        rows = cache.stager.to_device(logit_rows, torch.int64)
         return self.model.compute_logits(hidden.index_select(0, rows)), evicted

@@ -66,6 +66,15 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, start: int, n: int) -> list[int]:
+        """``all_token_ids[start:start + n]`` without building the whole list (hot in every step)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p : start - p + n]
+        if start + n <= p:
+            return self.prompt_token_ids[start : start + n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: start + n - p]
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)

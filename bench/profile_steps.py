@@ -1,0 +1,124 @@
+"""Where a workload's time goes, step by step: wall time of every engine step split into
+prefill-carrying and decode-only steps, the model's share of it (the rest is scheduling,
+metadata and sampling on the host), and a torch-profiler table of the CUDA kernels of a few
+steady-state steps of each kind.
+
+    python bench/profile_steps.py --num-prompts 128 --prompt-len 4096 --output-len 256 --kv-policy snapkv --kv-budget 512
+    python bench/profile_steps.py --num-prompts 256 --prompt-len 767 --output-len 16   # decode B=256 x 768
+
+Writes ``--json`` (one line) and prints the kernel tables when ``--profile`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.models import LLAMA3_8B, shape_only_model  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama3-8b", help="'llama3-8b' (random bf16 weights of that shape) or a local HF dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=4096)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--kv-policy", default="full")
+    p.add_argument("--kv-budget", type=int, default=None)
+    p.add_argument("--kv-recall", action="store_true")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--profile", action="store_true", help="print kernel tables of 3 prefill and 3 decode steps")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+
+    dummy = a.model == "llama3-8b"
+    llm = LLM(shape_only_model(LLAMA3_8B) if dummy else a.model, load_format="dummy" if dummy else "auto",
+              skip_tokenizer_init=True, device=a.device, chunk_size=a.chunk,
+              max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=a.kv_policy,
+              kv_budget=a.kv_budget, kv_recall=a.kv_recall, cuda_graphs=a.cuda_graphs)
+    eng = llm.engine
+    vocab = eng.runner.spec.vocab_size
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
+    llm.generate([[rng.randrange(1000, vocab - 1000) for _ in range(64)]], SamplingParams(max_tokens=4, ignore_eos=True))
+    for _ in range(a.num_prompts):
+        eng.add_request(str(next(llm._ids)), [rng.randrange(1000, vocab - 1000) for _ in range(a.prompt_len)], params)
+
+    cuda = eng.runner.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    execute = eng.runner.execute
+    steps: list[dict] = []
+
+    def timed_execute(cache, requests, num_new, *args, **kwargs):
+        sync()
+        t = time.perf_counter()
+        out = execute(cache, requests, num_new, *args, **kwargs)
+        sync()
+        steps.append(dict(model_s=time.perf_counter() - t, decodes=sum(n == 1 for n in num_new),
+                          prefill_tokens=sum(n for n in num_new if n > 1), batch=len(num_new)))
+        return out
+
+    eng.runner.execute = timed_execute
+    tables = {}
+    sync()
+    t0 = time.perf_counter()
+    while eng.has_unfinished_requests():
+        kind = None
+        if a.profile:
+            running = eng.scheduler.running
+            pre = any(r.num_computed_tokens < r.num_prompt_tokens for r in running) or eng.scheduler.waiting
+            kind = "prefill" if pre else "decode"
+            # steady state: the 4th..6th step of each kind (the first ones compile and tune)
+            count = sum(1 for s in steps if (s["prefill_tokens"] > 0) == (kind == "prefill"))
+            kind = kind if 3 <= count < 6 else None
+        ts = time.perf_counter()
+        if kind:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as prof:
+                eng.step()
+            tables.setdefault(kind, []).append(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=18, max_name_column_width=60))
+        else:
+            eng.step()
+        steps[-1]["step_s"] = time.perf_counter() - ts if steps else 0.0
+    sync()
+    elapsed = time.perf_counter() - t0
+
+    def summary(sel):
+        if not sel:
+            return {}
+        return dict(steps=len(sel), step_s=round(sum(s["step_s"] for s in sel), 3), model_s=round(sum(s["model_s"] for s in sel), 3),
+                    median_step_ms=round(1e3 * statistics.median(s["step_s"] for s in sel), 2),
+                    median_model_ms=round(1e3 * statistics.median(s["model_s"] for s in sel), 2),
+                    median_batch=statistics.median(s["batch"] for s in sel))
+
+    pre = [s for s in steps if s["prefill_tokens"] > 0]
+    dec = [s for s in steps if s["prefill_tokens"] == 0]
+    full_dec = [s for s in dec if s["batch"] == max(x["batch"] for x in dec)] if dec else []
+    total = a.num_prompts * (a.prompt_len + a.output_len)
+    res = dict(device=torch.cuda.get_device_name() if cuda else "cpu", num_prompts=a.num_prompts, prompt_len=a.prompt_len, output_len=a.output_len,
+               chunk=a.chunk, kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=a.kv_recall, cuda_graphs=a.cuda_graphs,
+               elapsed_s=round(elapsed, 2), total_tok_s=round(total / elapsed), prefill=summary(pre), decode=summary(dec),
+               decode_at_peak_batch=summary(full_dec), peak_running_batch=eng.stats().peak_running_batch_size)
+    for kind, tabs in tables.items():
+        print(f"\n===== {kind} step kernels =====\n{tabs[-1]}")
+    print(json.dumps(res))
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

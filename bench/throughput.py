@@ -1,0 +1,270 @@
+"""Throughput of batchmax against HF transformers on one GPU, in one process (DESIGN.md §6).
+
+W1: 128 prompts x 4096 tokens -> 256; W2: 16k-token prompts -> 512. Every configuration runs
+on the Llama-3-8B-shaped model with random bf16 weights; EOS is ignored so every request
+produces exactly the output length. The peers get the best settings found for them:
+
+- HF static ``generate``: batches of ``--static-batch`` (32), ``cache_implementation="static"``,
+  SDPA attention, greedy, ``min_new_tokens = max_new_tokens`` (no early stop).
+- HF ``generate_batch`` (continuous batching, paged attention, its default CUDA-graph
+  warm-up), greedy.
+
+Slow peers run on a stated subset of the prompts (``--peer-prompts``). Each line has total and
+output tok/s, the largest running batch, peak GPU memory, the ratio to each peer, and the
+roofline time: prefill at the measured bf16 matmul rate plus decode at the measured copy
+bandwidth (weights once per decode step of each wave, plus every request's kept K/V).
+
+    python bench/throughput.py --workload W1 --configs full snapkv@512 snapkv@1024 snapkv@512+recall
+    python bench/throughput.py --workload W2 --num-prompts 96 --configs full snapkv@1024 --peer-prompts 8 --static-batch 8
+
+Appends JSON lines to ``--json``; ``--plot`` draws tok/s against budget and running batch
+from every line of that file (matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.models import LLAMA3_8B, shape_only_model  # noqa: E402
+
+WORKLOADS = {"W1": (128, 4096, 256), "W2": (96, 16384, 512)}
+
+
+# ---- the device's two ceilings --------------------------------------------------------------
+
+def measure_ceilings() -> tuple[float, float]:
+    """(bf16 matmul FLOP/s, copy bytes/s), measured once: 8192^3 GEMM and a 2 GiB copy."""
+    from triton.testing import do_bench
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192**3 / (do_bench(lambda: a @ b, rep=200, return_mode="median") * 1e-3)
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 2 / (do_bench(lambda: dst.copy_(src), rep=200, return_mode="median") * 1e-3)
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return flops, bw
+
+
+def roofline_s(n: int, prompt: int, out: int, kept: int | None, batch: int, flops: float, bw: float) -> float:
+    """Lower bound of the run: prefill compute-bound, decode bandwidth-bound.
+
+    Prefill: 2 x params FLOPs per token plus attention (4 x layers x heads x head_dim per
+    query-key pair, causal; with a budget the chunk sees at most budget + chunk keys, bounded
+    here by ``kept``). Decode: each step of each wave reads the weights once and every
+    running request's K/V (kept + generated so far)."""
+    c = LLAMA3_8B
+    L, hq, hkv, hd, hidden = c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["hidden_size"]
+    params = (hidden * (hq + 2 * hkv) * hd + hq * hd * hidden + 3 * hidden * c["intermediate_size"]) * L + 2 * c["vocab_size"] * hidden
+    pairs = prompt * (prompt + 1) / 2 if kept is None else prompt * min(prompt, kept)
+    prefill_flop = n * (2 * params * prompt + 4 * L * hq * hd * pairs)
+    kv_token = L * hkv * hd * 2 * 2  # bytes: K and V, bf16
+    held = prompt if kept is None else min(prompt, kept)
+    waves = math.ceil(n / max(1, batch))
+    decode_bytes = waves * out * 2 * params + n * kv_token * (out * held + out * (out + 1) / 2)
+    return prefill_flop / flops + decode_bytes / bw
+
+
+# ---- runners --------------------------------------------------------------------------------
+
+def parse_config(s: str) -> dict:
+    """``full``, ``snapkv@512``, ``snapkv@512+recall``."""
+    recall = s.endswith("+recall")
+    s = s.removesuffix("+recall")
+    policy, _, budget = s.partition("@")
+    return dict(name=s + ("+recall" if recall else ""), policy=policy, budget=int(budget) if budget else None, recall=recall)
+
+
+def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(shape_only_model(LLAMA3_8B), load_format="dummy", skip_tokenizer_init=True, chunk_size=a.chunk,
+              max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=cfg["policy"],
+              kv_budget=cfg["budget"], kv_recall=cfg["recall"], host_kv_tokens=a.host_kv_tokens if cfg["recall"] else None,
+              max_model_len=len(prompts[0]) + out_len + a.chunk)
+    llm.generate([prompts[0][:64]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    eng = llm.engine
+    eng._stats.peak_running_batch_size = 0
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True), use_tqdm=a.progress)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    assert all(len(o.token_ids) == out_len for o in outs)
+    st = eng.stats()
+    res = dict(system="batchmax", config=cfg["name"], prompts=len(prompts), elapsed_s=elapsed, out_tokens=len(prompts) * out_len,
+               peak_batch=st.peak_running_batch_size, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+               recall_fallbacks=st.num_recall_fallbacks_total, kv_pool_tokens=eng.cache.capacity_tokens,
+               budget=cfg["budget"], recall=cfg["recall"])
+    del llm, eng, outs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def _hf_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k not in ("architectures", "model_type", "dtype")})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    with torch.no_grad():  # random weights, as for batchmax (no checkpoint on this machine)
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
+    return model.eval()
+
+
+def run_hf_static(model, prompts, out_len: int, batch: int) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    warm = torch.tensor([prompts[0][:64]], device="cuda")
+    model.generate(warm, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static", pad_token_id=0)
+    produced = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        ids = torch.tensor(prompts[i : i + batch], device="cuda")
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
+                             cache_implementation="static", pad_token_id=0)
+        produced += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    torch.cuda.synchronize()
+    return dict(system="hf-static-generate", config=f"batch {batch}, static cache, sdpa", prompts=len(prompts),
+                elapsed_s=time.perf_counter() - t0, out_tokens=produced, peak_batch=batch, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+
+
+def run_hf_generate_batch(model, prompts, out_len: int) -> dict:
+    from transformers import GenerationConfig
+
+    gc_ = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=[prompts[0][:64]], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    res = model.generate_batch(inputs=prompts, generation_config=gc_)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    produced = sum(len(r.generated_tokens) for r in res.values())
+    return dict(system="hf-generate_batch", config="continuous batching, defaults", prompts=len(prompts), elapsed_s=elapsed,
+                out_tokens=produced, peak_batch=None, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+def finish(r: dict, prompt: int, out: int, flops: float, bw: float) -> dict:
+    n = r["prompts"]
+    r["prompt_len"], r["output_len"] = prompt, out
+    r["total_tok_s"] = (n * prompt + r["out_tokens"]) / r["elapsed_s"]
+    r["output_tok_s"] = r["out_tokens"] / r["elapsed_s"]
+    kept = r.get("budget") if r["system"] == "batchmax" else None
+    r["roofline_s"] = roofline_s(n, prompt, out, kept, r["peak_batch"] or n, flops, bw)
+    r["roofline_tok_s"] = (n * (prompt + out)) / r["roofline_s"]
+    return r
+
+
+def table(rows: list[dict]) -> str:
+    peers = [r for r in rows if r["system"] != "batchmax"]
+    head = "| system | config | prompts | total tok/s | output tok/s | peak batch | peak GB | roofline tok/s (% reached) |"
+    head += "".join(f" vs {p['system']} |" for p in peers)
+    lines = [head, "|---" * (8 + len(peers)) + "|"]
+    for r in rows:
+        line = (f"| {r['system']} | {r['config']} | {r['prompts']} | {r['total_tok_s']:,.0f} | {r['output_tok_s']:,.0f} | "
+                f"{r['peak_batch'] if r['peak_batch'] is not None else '-'} | {r['peak_gb']:.1f} | "
+                f"{r['roofline_tok_s']:,.0f} ({100 * r['total_tok_s'] / r['roofline_tok_s']:.0f}%) |")
+        line += "".join(f" {r['total_tok_s'] / p['total_tok_s']:.2f}x |" for p in peers)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(json_path: str, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in open(json_path)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for wl, marker in (("W1", "o"), ("W2", "s")):
+        sel = [r for r in rows if r.get("workload") == wl]
+        for r in sel:
+            label = f"{wl} {r['system']} {r['config']}"
+            x = r.get("budget") or (r["prompt_len"] + r["output_len"])
+            color = "C0" if r["system"] == "batchmax" and not r.get("recall") else "C1" if r["system"] == "batchmax" else "C3"
+            axes[0].scatter([x], [r["total_tok_s"]], marker=marker, color=color)
+            axes[0].annotate(label, (x, r["total_tok_s"]), fontsize=6)
+            if r["peak_batch"]:
+                axes[1].scatter([r["peak_batch"]], [r["output_tok_s"]], marker=marker, color=color)
+                axes[1].annotate(label, (r["peak_batch"], r["output_tok_s"]), fontsize=6)
+    axes[0].set(xscale="log", xlabel="KV budget per request (tokens; full cache: prompt + output)", ylabel="total tok/s")
+    axes[1].set(xlabel="largest running batch", ylabel="output tok/s")
+    fig.suptitle("Llama-3-8B shape, random bf16 weights (o: W1 4096->256, s: W2 16k->512; red: HF peers)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=130)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=list(WORKLOADS), default="W1")
+    p.add_argument("--num-prompts", type=int, default=None, help="default: 128 (W1), 96 (W2)")
+    p.add_argument("--configs", nargs="+", default=["full", "snapkv@512", "snapkv@1024"])
+    p.add_argument("--peers", nargs="*", default=["static", "generate_batch"], choices=["static", "generate_batch"])
+    p.add_argument("--peer-prompts", type=int, default=32, help="the subset the HF peers run (the first N prompts)")
+    p.add_argument("--batch-peer-prompts", type=int, default=None, help="subset for generate_batch (default: --peer-prompts)")
+    p.add_argument("--static-batch", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--host-kv-tokens", type=int, default=65536)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG from every line of --json (no run when --configs is empty)")
+    a = p.parse_args(argv)
+    if a.plot and not a.configs:
+        plot(a.json, a.plot)
+        return
+    n, prompt, out = WORKLOADS[a.workload]
+    n = a.num_prompts or n
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, LLAMA3_8B["vocab_size"] - 1000) for _ in range(prompt)] for _ in range(n)]
+    flops, bw = measure_ceilings()
+    print(f"{torch.cuda.get_device_name()}: bf16 matmul {flops / 1e12:.0f} TFLOP/s, copy {bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for c in a.configs:
+        rows.append(finish(run_batchmax(parse_config(c), prompts, out, a), prompt, out, flops, bw))
+        print(json.dumps(rows[-1]), flush=True)
+    if a.peers:
+        model = _hf_model()
+        for peer in a.peers:
+            try:
+                if peer == "static":
+                    r = run_hf_static(model, prompts[: a.peer_prompts], out, a.static_batch)
+                else:
+                    r = run_hf_generate_batch(model, prompts[: a.batch_peer_prompts or a.peer_prompts], out)
+                rows.append(finish(r, prompt, out, flops, bw))
+                print(json.dumps(rows[-1]), flush=True)
+            except Exception as e:  # a peer's failure must not lose batchmax's numbers
+                print(f"peer {peer} failed: {type(e).__name__}: {e}", flush=True)
+    for r in rows:
+        r.update(workload=a.workload, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                 matmul_tflops=flops / 1e12, copy_tbs=bw / 1e12, date=time.strftime("%Y-%m-%d"))
+    print(f"\n{a.workload}: {n} x {prompt} -> {out} (peers on the first {a.peer_prompts} prompts)\n" + table(rows))
+    if a.json:
+        with open(a.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    if a.plot:
+        plot(a.json, a.plot)
+
+
+if __name__ == "__main__":
+    main()
