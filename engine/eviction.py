@@ -36,7 +36,9 @@ def select_keep(
     B, H, T = scores.shape
     device = scores.device
     lens = key_mask.sum(dim=1).to(torch.int64)  # (B,)
-    budgets = torch.as_tensor(budgets, dtype=torch.int64, device=device).expand(B)  # (B,)
+    if isinstance(budgets, int):  # a fill on the device: as_tensor would copy from the host and sync
+        budgets = torch.full((B,), budgets, dtype=torch.int64, device=device)
+    budgets = budgets.to(torch.int64).expand(B)  # (B,)
     keep_len = torch.minimum(budgets, lens)  # (B,)
     # K sizes the output; a caller that knows it on the host saves a device sync
     K = max_keep if max_keep is not None else (int(keep_len.max()) if B else 0)

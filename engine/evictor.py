@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.attention import PoolAttention
@@ -167,11 +168,12 @@ class Evictor:
 
     def _score_and_compact(self, layer: int, pol: EvictionPolicy, members: list[_Member], q: torch.Tensor, meta) -> None:
         cache, dev = self.cache, self.cache.device
+        stage = cache.stager.to_device  # every index goes up staged: a list index would sync
         B = len(members)
         lens = [meta.lens[m.b][layer] + m.n for m in members]  # held after this step's writes
         T = max(lens)
-        slots = meta.slots[[m.b for m in members], :T]  # (B, T); pad entries are valid slots of the row
-        lens_t = cache.stager.to_device(lens, torch.int64)
+        slots = meta.slots.index_select(0, stage([m.b for m in members], torch.int64))[:, :T]  # (B, T); pad entries are valid slots of the row
+        lens_t = stage(lens, torch.int64)
         key_mask = torch.arange(T, device=dev)[None, :] < lens_t[:, None]  # (B, T)
         keys = cache.k[layer, slots].transpose(1, 2)  # (B, H_kv, T, D)
         values = cache.v[layer, slots].transpose(1, 2)
@@ -184,7 +186,7 @@ class Evictor:
         if pol.stateful:
             if cache.state is None:
                 cache.ensure_state()
-            held = cache.stager.to_device([meta.lens[m.b][layer] for m in members], torch.int64)
+            held = stage([meta.lens[m.b][layer] for m in members], torch.int64)
             old = torch.arange(T, device=dev)[None, :] < held[:, None]  # new keys start at 0
             state = cache.state[layer, slots].transpose(1, 2) * old[:, None, :]  # (B, H_kv, T)
         ctx = ScoreContext(keys, values, key_pos, key_mask, queries, q_pos, q_mask, state, layer, self.num_layers)
@@ -193,12 +195,13 @@ class Evictor:
         # rows that do not evict keep everything (stateful policies still update their state);
         # every count is known on the host, so nothing here waits for the GPU
         keep = [min(m.req.layer_budgets[layer], ln) if m.evict_layers[layer] else ln for m, ln in zip(members, lens)]
-        keep_idx, _ = select_keep(result.scores, key_mask, cache.stager.to_device(keep, torch.int64), pol.sink, pol.window, max_keep=max(keep))
+        keep_idx, _ = select_keep(result.scores, key_mask, stage(keep, torch.int64), pol.sink, pol.window, max_keep=max(keep))
         D = keys.shape[-1]
         gidx = keep_idx[..., None].expand(-1, -1, -1, D)
-        rows = torch.repeat_interleave(torch.arange(B), torch.tensor(keep))
-        cols = torch.cat([torch.arange(k) for k in keep])
-        rows, cols = cache.stager.to_device(rows, torch.int64), cache.stager.to_device(cols, torch.int64)
+        keep_np = np.asarray(keep, dtype=np.int64)
+        rows = np.repeat(np.arange(B), keep_np)  # (M,) member of each kept token
+        cols = np.arange(rows.size) - np.repeat(np.cumsum(keep_np) - keep_np, keep_np)  # (M,) its place in the row
+        rows, cols = stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
         # (B, H, K[, D]) -> rows (M, H[, D]); kept tokens move to the front of each row
         self._store(
             layer, slots[rows, cols], keys.gather(2, gidx)[rows, :, cols], values.gather(2, gidx)[rows, :, cols],
@@ -206,9 +209,11 @@ class Evictor:
         )
         parking = [i for i, m in enumerate(members) if m.recall and m.evict_layers[layer]]
         if parking:
+            pidx = stage(parking, torch.int64)
+            sel = lambda t: None if t is None else t.index_select(0, pidx)  # noqa: E731
             self._park(
-                layer, [members[i] for i in parking], [lens[i] - keep[i] for i in parking], keep_idx[parking], key_mask[parking],
-                keys[parking], values[parking], key_pos[parking], None if result.state is None else result.state[parking],
+                layer, [members[i] for i in parking], [lens[i] - keep[i] for i in parking], sel(keep_idx), sel(key_mask),
+                sel(keys), sel(values), sel(key_pos), sel(result.state),
             )
         for m, ln, kl in zip(members, lens, keep):
             if m.evict_layers[layer]:
@@ -262,7 +267,7 @@ class Evictor:
         before this step) and its parked ones, in position order per head: keys, values
         (1, H, U, D), positions and state (1, H, U)."""
         cache, dev = self.cache, self.cache.device
-        pk, pv, ppos, pstate = self.host.load(m.req.request_id, layer)  # (P, H, D) x2, (P, H) x2
+        pk, pv, ppos, pstate = self.host.load(m.req.request_id, layer, with_state=pol.stateful)  # (P, H, D) x2, (P, H) x2
         keys = torch.cat([pk, cache.k[layer, slots]])  # (U, H, D)
         values = torch.cat([pv, cache.v[layer, slots]])
         pos = torch.cat([ppos, cache.pos[layer, slots].to(torch.int64)])  # (U, H)

@@ -15,7 +15,10 @@ import torch
 
 from engine.kv_cache import KVCache
 
-HOST_BLOCK = 256
+HOST_BLOCK = 1024
+"""Tokens per host block. A parked run is copied one contiguous slice per block it touches:
+with 256-token blocks W1's recall issued ~460k small copies (4 per slice); a prompt's parked
+run is a few thousand tokens, so 1024 keeps it to a handful of slices per layer."""
 
 
 class HostKVStore(KVCache):
@@ -63,24 +66,20 @@ class HostKVStore(KVCache):
                     dst[layer, s0 : s0 + m] = src[off : off + m]
         seq.lens[layer] = start + n
 
-    def load(self, request_id: str, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def load(self, request_id: str, layer: int, with_state: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The layer's parked tokens on the compute device: k, v (P, H, D), pos (P, H) int64,
-        state (P, H)."""
+        state (P, H) (None unless ``with_state``: stateless policies parked none)."""
         n = self.seqs[request_id].lens[layer]
         dev = self.for_device
-        out = [
-            torch.empty((n, *self.k.shape[2:]), dtype=self.k.dtype, device=dev),
-            torch.empty((n, *self.v.shape[2:]), dtype=self.v.dtype, device=dev),
-            torch.empty((n, self.pos.shape[2]), dtype=torch.int32, device=dev),
-            torch.empty((n, self.state.shape[2]), dtype=torch.float32, device=dev),
-        ]
+        srcs = (self.k, self.v, self.pos) + ((self.state,) if with_state else ())
+        out = [torch.empty((n, *src.shape[2:]), dtype=src.dtype, device=dev) for src in srcs]
         if self.copy_stream is not None:
             torch.cuda.current_stream(dev).wait_stream(self.copy_stream)  # parked copies landed
         for off, s0, m in self._runs(request_id, 0, n):
-            for dst, src in zip(out, (self.k, self.v, self.pos, self.state)):
+            for dst, src in zip(out, srcs):
                 dst[off : off + m].copy_(src[layer, s0 : s0 + m], non_blocking=True)
         out[2] = out[2].to(torch.int64)
-        return tuple(out)
+        return out[0], out[1], out[2], out[3] if with_state else None
 
     def parked(self, request_id: str) -> int:
         s = self.seqs.get(request_id)
