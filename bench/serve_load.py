@@ -14,7 +14,10 @@ through the offline engine (``engine.LLM``) in this process and shows both colum
 
 Any OpenAI-compatible server works: ``--prompt-format text`` for servers that take no token
 ids (and for ``--endpoint chat``), ``--no-ignore-eos`` for servers that reject vLLM's
-``ignore_eos``. Exit status 1 if any request failed.
+``ignore_eos``. Exit status 1 if any request failed. ``batchmax bench serve ...`` runs this
+from a checkout. On a CPU shared with other work, run the comparison with
+``OMP_WAIT_POLICY=PASSIVE``: an engine stepped in the thread that created it otherwise loses
+much of its time to OpenMP spin-waiting (bench/results/reliability-2026-11-25.md).
 """
 from __future__ import annotations
 
@@ -78,8 +81,8 @@ def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dic
     return summarize("offline engine", timings, 0, duration)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without /v1)")
     p.add_argument("--endpoint", default="completions", choices=["completions", "chat"])
     p.add_argument("--served-model", default=None, help="model id to send (default: the server's first model)")
@@ -104,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
+def main(argv=None, prog: str | None = None) -> int:
+    a = parse_args(argv, prog)
     workload = make_workload(a.num_requests, a.prompt_len, a.output_len, a.seed, a.prompt_format, a.vocab_size)
     cfg = LoadConfig(
         url=a.url.rstrip("/").removesuffix("/v1"), endpoint=a.endpoint, model=a.served_model, api_key=a.api_key,

@@ -1,4 +1,5 @@
-"""The ``batchmax`` command: ``generate`` (offline), ``serve`` (HTTP), ``plan`` (capacity)."""
+"""The ``batchmax`` command: ``generate`` (offline), ``serve`` (HTTP), ``plan`` (capacity),
+``bench serve`` (load generator)."""
 from __future__ import annotations
 
 import argparse
@@ -178,6 +179,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(argv: list[str]) -> int:
+    """``batchmax bench serve ...``: the load generator, ``bench/serve_load.py``, which lives in
+    the repository checkout (an editable install), not in the installed packages."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "serve_load.py").is_file():
+        print("batchmax bench serve: bench/serve_load.py not found; run it from a checkout of the repository", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from bench.serve_load import main as serve_load
+
+    return serve_load(argv, prog="batchmax bench serve")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchmax", description="OpenAI-compatible LLM server with bounded KV caches")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,10 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bs = bsub.add_parser("serve", add_help=False, help="load-test a running OpenAI-compatible server (bench/serve_load.py; --help for its options)")
+    bs.add_argument("args", nargs=argparse.REMAINDER)  # main() hands them over untouched
+    bs.set_defaults(func=lambda a: cmd_bench_serve(a.args))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "serve"]:  # every option, --help included, is the load generator's
+        return cmd_bench_serve(argv[2:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
