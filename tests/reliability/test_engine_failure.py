@@ -57,7 +57,7 @@ def test_only_the_failing_steps_requests_fail(fault_server):
     first, result = threading.Event(), {}
 
     def run_a():
-        body = {"prompt": [100, 101, 102], "max_tokens": 150, "ignore_eos": True, "temperature": 0, "stream": True,
+        body = {"prompt": [100, 101, 102], "max_tokens": 600, "ignore_eos": True, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as s:
             lines = []
@@ -71,12 +71,23 @@ def test_only_the_failing_steps_requests_fail(fault_server):
     t.start()
     assert first.wait(60), "A never started"
 
+    async def queued(n: int) -> None:
+        """Wait until ``n`` requests queue behind A (still running); the sleeps let the posts go out."""
+        for _ in range(1000):
+            m = fault_server.metrics()
+            assert m["batchmax:num_requests_running"] == 1, "A ended before the others queued: make it longer"
+            if m["batchmax:num_requests_waiting"] == n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{n} requests never queued")
+
     async def p_and_c():
         async with httpx.AsyncClient(timeout=120) as c:
             p = asyncio.create_task(c.post(url + "/v1/completions", json={"prompt": [POISON, 5000, 6000], "max_tokens": 20}))
-            await asyncio.sleep(0.2)  # P queues first
-            cr = await c.post(url + "/v1/completions", json={"prompt": [5000, 6000, 7000], "max_tokens": 20, "ignore_eos": True})
-            return await p, cr
+            await queued(1)  # P first
+            cr = asyncio.create_task(c.post(url + "/v1/completions", json={"prompt": [5000, 6000, 7000], "max_tokens": 20, "ignore_eos": True}))
+            await queued(2)
+            return await p, await cr
 
     p, c = asyncio.run(p_and_c())
     t.join(120)
@@ -85,7 +96,7 @@ def test_only_the_failing_steps_requests_fail(fault_server):
     assert c.status_code == 200, c.text
     assert c.json()["usage"]["completion_tokens"] == 20 and c.json()["choices"][0]["finish_reason"] == "length"
     a = result["a"]
-    assert a[-1]["usage"]["completion_tokens"] == 150
+    assert a[-1]["usage"]["completion_tokens"] == 600
     assert [ch["choices"][0]["finish_reason"] for ch in a[:-1] if ch["choices"][0]["finish_reason"]] == ["length"]
     assert_idle_and_serving(fault_server)
 
