@@ -138,6 +138,7 @@ class AsyncEngine:
         self._entries: dict[str, _Entry] = {}  # engine thread only
         self._lock = threading.Lock()
         self._num_unfinished = 0  # guarded by _lock: requests submitted and not yet reported finished
+        self._step_failures = 0  # engine thread only; the engine itself never sees its failed steps end
         self._stats = self._read_stats()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="batchmax-engine", daemon=True)
@@ -264,11 +265,13 @@ class AsyncEngine:
             outputs = self.engine.step()
         except StepError as exc:  # the step's requests are broken; the others go on
             logger.error("engine step failed (%s); failing its %d request(s)", exc, len(exc.request_ids), exc_info=exc.__cause__)
+            self._step_failures += 1
             self._fail(exc.request_ids, f"engine error: {exc}")
             state["last_step_failed"] = True
             return True
         except Exception as exc:  # no telling which requests it broke: all of those in flight
             logger.exception("engine step failed; failing %d request(s)", len(self._entries))
+            self._step_failures += 1
             self._finish_all("error", f"engine error: {type(exc).__name__}: {exc}")
             state["last_step_failed"] = True
             return True
@@ -402,10 +405,12 @@ class AsyncEngine:
 
     def _read_stats(self) -> EngineStats:
         try:
-            return dataclasses.replace(self.engine.stats())
+            st = dataclasses.replace(self.engine.stats())
         except Exception:
             logger.exception("engine.stats() failed")
-            return getattr(self, "_stats", EngineStats())
+            st = getattr(self, "_stats", EngineStats())
+        st.num_step_failures_total = self._step_failures
+        return st
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, error: BaseException | None) -> None:

@@ -35,6 +35,9 @@ class EngineStats:
     last_step_tokens: int = 0
     """Tokens scheduled in the last step (prefill chunks + decode tokens)."""
     num_steps_total: int = 0
+    num_step_failures_total: int = 0
+    """Steps that raised; their requests ended with finish_reason ``error`` (counted by
+    ``AsyncEngine``, which handles the failure)."""
 
     @property
     def compression_ratio(self) -> float:

@@ -48,6 +48,7 @@ def test_failed_step_answers_500_and_the_server_goes_on(fault_server):
     assert_engine_error(json.loads(events[-2]))
     after = assert_idle_and_serving(fault_server)
     assert metric_delta(before, after, "batchmax:request_success_total{finished_reason=error}") == 2
+    assert metric_delta(before, after, "batchmax:engine_step_failures_total") == 2
 
 
 @pytest.mark.timeout(180)
@@ -127,5 +128,6 @@ def test_co_scheduled_requests_fail_and_waiting_ones_run(tiny_llama):
         assert len(finals["W"].token_ids) == 12 and len(finals["Q"].token_ids) == 400
         st = ae.stats()
         assert (st.num_running, st.num_waiting, st.kv_usage, ae.num_unfinished) == (0, 0, 0.0, 0)
+        assert st.num_step_failures_total == 1
     finally:
         ae.shutdown()
