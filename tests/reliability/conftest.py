@@ -4,6 +4,8 @@ and bad input. Each test is bounded in time (pytest-timeout) and in request coun
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 
 import httpx
 import pytest
@@ -46,3 +48,21 @@ def assert_idle_and_serving(srv: ServerProc, timeout: float = 60.0) -> dict[str,
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
     return m
+
+
+def resources(srv: ServerProc) -> tuple[int, int]:
+    """Open file descriptors and threads of the server process (Linux ``/proc``)."""
+    pid = srv.proc.pid
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def assert_no_leak(srv: ServerProc, before: tuple[int, int], timeout: float = 30.0) -> None:
+    """Sockets closed and no thread per request: back to (about) ``before``. The slack covers
+    asyncio's default executor, which starts its few threads lazily."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fds, threads = resources(srv)
+        if fds <= before[0] + 4 and threads <= before[1] + 8:
+            return
+        assert time.monotonic() < deadline, f"fds {before[0]} -> {fds}, threads {before[1]} -> {threads}"
+        time.sleep(0.1)

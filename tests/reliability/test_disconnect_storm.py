@@ -1,6 +1,6 @@
 """Disconnect storms: 200 clients hang up mid-generation (streaming after a few chunks, and
 non-streaming ones by timing out); the server aborts every one, frees all KV, keeps its
-counters straight and serves the next request."""
+counters straight, leaks no socket or thread, and serves the next request."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.reliability.conftest import assert_idle_and_serving, metric_delta, streams
+from tests.reliability.conftest import assert_idle_and_serving, assert_no_leak, metric_delta, resources, streams
 
 LONG = "1500"  # tokens each would generate if nobody hung up
 
@@ -37,6 +37,7 @@ async def _hang_up_unary(url: str, n: int, after_s: float) -> int:
 @pytest.mark.timeout(600)
 def test_disconnect_storm_frees_everything(load_server, streaming, unary, waves):
     before = load_server.metrics()
+    held = resources(load_server)
     for wave in range(waves):
         _, run = streams(load_server, streaming, "16:64", LONG, seed=wave, disconnect_after_chunks=2)
         errors = [r.error for r in run.results if not r.ok]
@@ -45,6 +46,7 @@ def test_disconnect_storm_frees_everything(load_server, streaming, unary, waves)
         hung_up = asyncio.run(_hang_up_unary(load_server.url, unary, after_s=1.5))
         assert hung_up == unary
     after = assert_idle_and_serving(load_server)
+    assert_no_leak(load_server, held)
     clients = waves * (streaming + unary)
     assert metric_delta(before, after, "batchmax:request_success_total{finished_reason=abort}") == clients
     assert metric_delta(before, after, "batchmax:request_success_total{finished_reason=length}") == 0
