@@ -89,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name,
             max_queued=args.max_queued,
             shutdown_timeout=args.shutdown_timeout,
+            max_body_bytes=args.max_body_bytes,
             log_level=args.log_level,
         )
         config = EngineConfig.from_kwargs(**engine_kwargs(args))
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
     s.add_argument("--max-queued", type=int, default=1024, help="most requests waiting for admission; beyond, 503 with Retry-After")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
+    s.add_argument("--max-body-bytes", type=int, default=32 << 20, help="largest request body accepted (413 beyond)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 

@@ -59,6 +59,7 @@ _ERRORS = {
     "400": "Invalid request (malformed body, bad parameter, prompt over the context).",
     "401": "Missing or wrong API key (when the server has one).",
     "404": "Unknown model.",
+    "413": "The request body is larger than the server accepts.",
     "500": "The engine failed while running the request.",
     "503": "Loading, shutting down, or the queue is full (with Retry-After).",
 }
@@ -102,7 +103,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                 continue
             statuses = {"401", "404", "503"}
             if key in REQUEST_BODIES:
-                statuses.add("400")
+                statuses |= {"400", "413"}
             if key in STREAMING:  # generation routes: the engine may fail
                 statuses.add("500")
             for status in sorted(statuses):

@@ -19,6 +19,7 @@ from server.protocol import (
     TokenizeRequest,
     bad_request,
 )
+from server.request_body import read_body
 from server.serving import ClientGone, OpenAIServing, SSEResponse, parse_body
 
 
@@ -93,7 +94,7 @@ async def model(model_id: str, request: Request) -> Response:
 
 async def _generate(request: Request, model_cls, handler_name: str) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await request.body(), model_cls)
+    body = parse_body(await read_body(request, ctx.settings.max_body_bytes), model_cls)
     ticket = ctx.admit()
     try:
         _check_model(ctx, body.model)
@@ -124,7 +125,7 @@ async def chat_completions(request: Request) -> Response:
 @protected.post("/tokenize")
 async def tokenize(request: Request) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await request.body(), TokenizeRequest)
+    body = parse_body(await read_body(request, ctx.settings.max_body_bytes), TokenizeRequest)
     serving = _ready(ctx)
     _check_model(ctx, body.model)
     if body.messages is not None:
@@ -137,7 +138,7 @@ async def tokenize(request: Request) -> Response:
 @protected.post("/detokenize")
 async def detokenize(request: Request) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await request.body(), DetokenizeRequest)
+    body = parse_body(await read_body(request, ctx.settings.max_body_bytes), DetokenizeRequest)
     tok = _ready(ctx).tokenizer("tokens")
     _check_model(ctx, body.model)
     vocab = len(tok)

@@ -21,6 +21,9 @@ class ServerSettings:
     """The ``Retry-After`` value sent with 503 answers."""
     shutdown_timeout: float = 30.0
     """On SIGTERM: seconds in-flight requests get to finish before they are aborted."""
+    max_body_bytes: int = 32 << 20
+    """Largest request body accepted (413 beyond): room for prompts of hundreds of thousands of
+    tokens, while a client cannot make the server buffer unbounded input."""
     max_n: int = 128
     """Largest ``n`` (choices per prompt) accepted."""
     log_level: str = "info"
@@ -32,5 +35,7 @@ class ServerSettings:
             raise ValueError(f"max_queued must be >= 1, got {self.max_queued}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
