@@ -24,6 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-recall", action=argparse.BooleanOptionalAction, default=False, help="park evicted prefill K/V in host memory and re-select at the last chunk")
     p.add_argument("--host-kv-tokens", type=int, default=None, help="recall's host store capacity in tokens per layer")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"], help="auto: fused Triton kernels on CUDA")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="replay decode steps from CUDA graphs (CUDA + fused kernels)")
+    p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured in a graph")
     p.add_argument("--decode-reserve-tokens", type=int, default=None,
                    help="decode tokens reserved per request at admission (default: all max_tokens, never preempts); "
                         "fewer admits more and preempts (recompute) when the pool runs out")
@@ -50,6 +52,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_recall=args.kv_recall,
         host_kv_tokens=args.host_kv_tokens,
         attention_backend=args.attention_backend,
+        cuda_graphs=args.cuda_graphs,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
         seed=args.seed,
         decode_reserve_tokens=args.decode_reserve_tokens,
         debug_fail_step_token=args.debug_fail_step_token,
