@@ -59,9 +59,7 @@ class StepMetadata:
         nn = np.asarray(num_new, dtype=np.int64)  # (B,)
         qs = np.zeros(len(num_new) + 1, dtype=np.int64)
         np.cumsum(nn, out=qs[1:])
-        table = np.zeros((len(seqs), max((len(s.blocks) for s in seqs), default=1) or 1), dtype=np.int64)  # (B, W)
-        for i, s in enumerate(seqs):
-            table[i, : len(s.blocks)] = s.blocks
+        table = cache.block_table(request_ids)  # (B, W) on the host
         starts = np.asarray(lens, dtype=np.int64).reshape(len(seqs), -1).T  # (L, B) held before the step
         req_idx = np.repeat(np.arange(len(seqs)), nn)  # (N,) request of each new token
         col = starts[:, req_idx] + (np.arange(len(req_idx)) - qs[req_idx])  # (L, N) its index in the request's cache

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.transfer import PinnedStager
@@ -143,15 +144,14 @@ class KVCache:
 
     # ---- tensors for a step ----------------------------------------------------------------
 
-    def block_table(self, request_ids: list[str], width: int | None = None) -> torch.Tensor:
-        """(B, width) int64 block ids on the pool's device, padded with 0."""
+    def block_table(self, request_ids: list[str]) -> np.ndarray:
+        """(B, W) int64 block ids on the host, padded with 0; W = the most blocks of any row
+        (at least 1). The step stages it to the device with its other metadata."""
         rows = [self.seqs[r].blocks for r in request_ids]
-        width = width or max((len(r) for r in rows), default=1) or 1
-        table = torch.zeros(len(rows), width, dtype=torch.int64)
+        table = np.zeros((len(rows), max((len(r) for r in rows), default=1) or 1), dtype=np.int64)
         for i, r in enumerate(rows):
-            if r:
-                table[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        return self.stager.to_device(table, torch.int64)
+            table[i, : len(r)] = r
+        return table
 
     def slots(self, block_table: torch.Tensor) -> torch.Tensor:
         """(B, width) block ids -> (B, width * block_size) slot ids, token order."""

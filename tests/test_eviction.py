@@ -22,7 +22,7 @@ def _check_kept_positions(engine, rid, policy, prompt_len, num_out):
     """Every layer and head holds the sinks and the most recent ``window`` tokens."""
     cache = engine.cache
     seq = cache.seqs[rid]
-    slots = cache.slots(cache.block_table([rid]))[0]
+    slots = cache.slots(torch.from_numpy(cache.block_table([rid])))[0]
     newest = prompt_len + num_out - 1  # the last sampled token is not written yet
     for layer, n in enumerate(seq.lens):
         pos = cache.pos[layer, slots[:n]].T  # (H_kv, n)

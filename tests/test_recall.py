@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import LLM, LLMEngine, EngineConfig, SamplingParams
 from tests.helpers import PeakRecorder, random_prompts
@@ -24,7 +25,7 @@ def _kept_after_prefill(path, prompt, policy, **kw):
     while not e.requests["a"].output_token_ids:
         e.step()
     c = e.cache
-    slots = c.slots(c.block_table(["a"]))[0]
+    slots = c.slots(torch.from_numpy(c.block_table(["a"])))[0]
     kept = [[sorted(h) for h in c.pos[l, slots[: c.seqs["a"].lens[l]]].T.tolist()] for l in range(c.num_layers)]
     return kept, e
 
