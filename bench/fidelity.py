@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -41,10 +42,13 @@ QWEN_SHA256 = ("1d961463", "ff32")  # prefix, suffix
 
 
 def run(model, tasks, policies, fractions, chunk=128, recall=(True, False), recall_attention="compressed",
-        device="cpu", max_tokens=None, progress=True, llm=None):
+        device="cpu", max_tokens=None, progress=True, llm=None, checkpoint=None):
     """Scores ``{(policy, fraction, recall): [float per task]}`` and completions (same keys),
     plus the full cache's under ``("full", 1.0, False)``; one ``generate`` call per key.
-    ``llm`` given: ``model``, ``chunk``, ``recall_attention`` and ``device`` are its own."""
+    ``llm`` given: ``model``, ``chunk``, ``recall_attention`` and ``device`` are its own.
+    ``checkpoint``: a JSON-lines file; each finished configuration is appended to it and a rerun
+    with the same prompts and settings skips the configurations it already holds (the full
+    matrix takes about an hour on a 2-core CPU)."""
     llm = llm or LLM(model, device=device, chunk_size=chunk, max_num_batched_tokens=max(chunk, 2048), recall_attention=recall_attention)
     ids = [llm.tokenizer.encode(llm.apply_chat_template(t.messages)) for t in tasks]
     keys = [("full", 1.0, False)] + [(p, f, r) for p in policies for f in fractions for r in recall]
@@ -55,24 +59,39 @@ def run(model, tasks, policies, fractions, chunk=128, recall=(True, False), reca
             sp = SamplingParams(max_tokens=max_tokens or t.max_tokens, temperature=0.0, kv_policy=pol, kv_recall=rec,
                                 kv_budget=None if pol == "full" else max(MIN_BUDGET, int(frac * len(i))))
             batch.append((i, sp))
+    # what makes a stored completion reusable: the prompts' tokens and the per-request settings
+    fingerprint = hashlib.sha256(repr((ids, [t.max_tokens for t in tasks], max_tokens, llm.engine.config.scheduler.chunk_size,
+                                       llm.engine.config.eviction.recall_attention, str(llm.engine.runner.dtype), MIN_BUDGET)).encode()).hexdigest()[:16]
+    done = {}
+    if checkpoint:
+        os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
+    if checkpoint and os.path.exists(checkpoint):
+        with open(checkpoint) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec["fingerprint"] == fingerprint:
+                    done[tuple(rec["key"])] = rec["texts"]
     t0 = time.time()
     # one generate call per configuration: on the CPU one batch of every configuration ran at
     # ~12 requests/min (hundreds running at once; the reference attention and the evictor loop
     # over running requests in Python), per configuration ~30/min (not a controlled
     # comparison: other jobs shared the CPU differently)
-    outs = []
-    for k in range(len(keys)):
-        part = batch[k * len(tasks) : (k + 1) * len(tasks)]
-        if progress:
-            print(f"[{k + 1}/{len(keys)}] {keys[k]}", file=sys.stderr, flush=True)
-        outs.extend(llm.generate([b[0] for b in part], [b[1] for b in part], use_tqdm=progress))
-    if progress:
-        print(f"{len(batch)} requests in {time.time() - t0:.0f} s", file=sys.stderr)
     scores, texts = {}, {}
     for k, key in enumerate(keys):
-        part = outs[k * len(tasks) : (k + 1) * len(tasks)]
-        texts[key] = [o.text for o in part]
-        scores[key] = [t.score(o.text) for t, o in zip(tasks, part)]
+        if key in done:
+            texts[key] = done[key]
+        else:
+            part = batch[k * len(tasks) : (k + 1) * len(tasks)]
+            if progress:
+                print(f"[{k + 1}/{len(keys)}] {key}", file=sys.stderr, flush=True)
+            texts[key] = [o.text for o in llm.generate([b[0] for b in part], [b[1] for b in part], use_tqdm=progress)]
+            if checkpoint:
+                with open(checkpoint, "a") as f:
+                    f.write(json.dumps({"fingerprint": fingerprint, "key": list(key), "texts": texts[key]}) + "\n")
+        scores[key] = [t.score(x) for t, x in zip(tasks, texts[key])]
+    if progress:
+        print(f"{len(keys) - len(done)} configurations run, {len(done)} from the checkpoint, in {time.time() - t0:.0f} s",
+              file=sys.stderr)
     return scores, texts
 
 
@@ -199,6 +218,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="bfloat16 runs ~2x faster on CPUs with AMX/AVX-512 BF16")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--checkpoint", default=None,
+                   help="JSON-lines file of finished configurations: appended to as they finish, reused on a rerun with the same prompts")
     a = p.parse_args(argv)
     if a.qwen_coder and a.model:
         p.error("--qwen-coder and --model are exclusive")
@@ -208,7 +229,7 @@ def main(argv=None):
     llm = LLM(model, device=a.device, dtype=a.dtype, chunk_size=a.chunk, max_num_batched_tokens=max(a.chunk, 2048), recall_attention=a.recall_attention)
     count = lambda m: len(llm.tokenizer.encode(llm.apply_chat_template(m)))
     tasks = task_suite(a.tasks, lengths, a.n_per_task, a.seed, count)
-    scores, texts = run(model, tasks, a.policies, a.fractions, max_tokens=a.max_tokens, llm=llm)
+    scores, texts = run(model, tasks, a.policies, a.fractions, max_tokens=a.max_tokens, llm=llm, checkpoint=a.checkpoint)
     cols, rows = summarize(tasks, scores, texts)
 
     name = QWEN_NAME if a.qwen_coder else Path(a.model).name if a.model else "SmolLM2-135M-Instruct"

@@ -39,8 +39,11 @@ def main(argv=None) -> dict:
     p.add_argument("--kv-policy", default="full")
     p.add_argument("--kv-budget", type=int, default=None)
     p.add_argument("--kv-recall", action="store_true")
+    p.add_argument("--host-kv-tokens", type=int, default=65536, help="recall's host store, tokens per layer (as bench/throughput.py)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--profile", action="store_true", help="print kernel tables of 3 prefill and 3 decode steps")
+    p.add_argument("--profile-at", type=int, nargs="+", default=[],
+                   help="also print the kernel tables of these steps (0-based; W1's first wave ends its prompts at step 7)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -48,7 +51,7 @@ def main(argv=None) -> dict:
     llm = LLM(shape_only_model(LLAMA3_8B) if dummy else a.model, load_format="dummy" if dummy else "auto",
               skip_tokenizer_init=True, device=a.device, chunk_size=a.chunk,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=a.kv_policy,
-              kv_budget=a.kv_budget, kv_recall=a.kv_recall, cuda_graphs=a.cuda_graphs)
+              kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, cuda_graphs=a.cuda_graphs)
     eng = llm.engine
     vocab = eng.runner.spec.vocab_size
     rng = random.Random(0)
@@ -68,7 +71,9 @@ def main(argv=None) -> dict:
         out = execute(cache, requests, num_new, *args, **kwargs)
         sync()
         steps.append(dict(model_s=time.perf_counter() - t, decodes=sum(n == 1 for n in num_new),
-                          prefill_tokens=sum(n for n in num_new if n > 1), batch=len(num_new)))
+                          prefill_tokens=sum(n for n in num_new if n > 1), batch=len(num_new),
+                          # prompts this step completes (recall re-selects at these)
+                          last_chunks=sum(n > 1 and r.num_computed_tokens + n == r.num_prompt_tokens for r, n in zip(requests, num_new))))
         return out
 
     eng.runner.execute = timed_execute
@@ -84,6 +89,8 @@ def main(argv=None) -> dict:
             # steady state: the 4th..6th step of each kind (the first ones compile and tune)
             count = sum(1 for s in steps if (s["prefill_tokens"] > 0) == (kind == "prefill"))
             kind = kind if 3 <= count < 6 else None
+        if len(steps) in a.profile_at:
+            kind = f"step {len(steps)}"
         n_before = len(steps)
         ts = time.perf_counter()
         if kind:
@@ -110,15 +117,21 @@ def main(argv=None) -> dict:
                     median_batch=statistics.median(s["batch"] for s in sel))
 
     pre = [s for s in steps if s["prefill_tokens"] > 0]
+    last = [s for s in pre if s["last_chunks"]]
     dec = [s for s in steps if s["prefill_tokens"] == 0]
     full_dec = [s for s in dec if s["batch"] == max(x["batch"] for x in dec)] if dec else []
     total = a.num_prompts * (a.prompt_len + a.output_len)
     res = dict(device=torch.cuda.get_device_name() if cuda else "cpu", num_prompts=a.num_prompts, prompt_len=a.prompt_len, output_len=a.output_len,
-               chunk=a.chunk, kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=a.kv_recall, cuda_graphs=a.cuda_graphs,
-               elapsed_s=round(elapsed, 2), total_tok_s=round(total / elapsed), prefill=summary(pre), decode=summary(dec),
+               chunk=a.chunk, kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, cuda_graphs=a.cuda_graphs,
+               elapsed_s=round(elapsed, 2), total_tok_s=round(total / elapsed), prefill=summary(pre), prefill_completing_prompts=summary(last),
+               prefill_other=summary([s for s in pre if not s["last_chunks"]]), decode=summary(dec),
                decode_at_peak_batch=summary(full_dec), peak_running_batch=eng.stats().peak_running_batch_size)
     for kind, tabs in tables.items():
-        print(f"\n===== {kind} step kernels =====\n{tabs[-1]}")
+        note = ""
+        if kind.startswith("step "):
+            st = steps[int(kind.split()[1])]
+            note = f" ({st['prefill_tokens']} prefill tokens, {st['decodes']} decodes, {st['last_chunks']} prompts completed)"
+        print(f"\n===== {kind} kernels{note} =====\n{tabs[-1]}")
     print(json.dumps(res))
     if a.json:
         with open(a.json, "a") as f:
