@@ -26,6 +26,13 @@ class CacheConfig:
     host_kv_tokens: int | None = None
     """Capacity of recall's host store (pinned CPU memory), tokens per layer. ``None``: a
     quarter of available RAM, at most as many tokens as the GPU pool, made on first use."""
+    recall_stage_tokens: int = 32768
+    """Recall: most parked tokens (per layer, summed over the requests re-selected together)
+    brought back to the device at once. The requests completing their prompt in a step are
+    re-selected in groups of this size, and the next group loads while one is scored, so
+    recall's device memory is bounded by two groups' K/V of one layer (Llama-3-8B, 32768
+    tokens: 128 MiB per group) whatever the batch and prompt lengths; a single request's layer
+    always fits (it forms a group alone)."""
     memory_fraction: float = 0.9
     """When ``num_tokens`` is None: the fraction of the device's free memory (after the
     weights are loaded) that the pool may take. On the CPU, of available RAM, at most 4 GiB."""
@@ -35,6 +42,8 @@ class CacheConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.host_kv_tokens is not None and self.host_kv_tokens < 0:
             raise ValueError("host_kv_tokens must be >= 0")
+        if self.recall_stage_tokens <= 0:
+            raise ValueError(f"recall_stage_tokens must be positive, got {self.recall_stage_tokens}")
         if self.num_tokens is not None and self.num_tokens < self.block_size:
             raise ValueError(f"num_tokens must be at least one block ({self.block_size}), got {self.num_tokens}")
         if not 0.0 < self.memory_fraction <= 1.0:

@@ -22,10 +22,14 @@ instead of being lost. At the prompt's last chunk, after the chunk's attention (
 the compressed cache), each layer scores the union of held and parked tokens, i.e. every
 prompt token, with the final observation window, and keeps its budget from all of them: the
 same selection as evicting once after the whole prompt, under the ``budget + chunk`` GPU
-bound. Parked tokens are brought in one layer of one request at a time.
+bound. The requests completing their prompt in one step are re-selected together, per layer,
+in groups whose parked tokens fit the host store's ``stage_tokens``; the next group's parked
+K/V load on a side stream while the current group is scored, so the device holds at most two
+groups' parked K/V (and never a whole request's: one layer at a time).
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +37,7 @@ import torch
 
 from engine.attention import PoolAttention
 from engine.eviction import select_keep
-from engine.host_store import HostKVStore
+from engine.host_store import HostKVStore, StagedRun
 from engine.kv_cache import KVCache
 from engine.request import Request
 from policies import EvictionPolicy, ScoreContext
@@ -101,6 +105,13 @@ class Evictor:
         self.groups: dict[str, _Group] = {}
         self.new_lens: dict[str, list[int]] = {}
         self.evicted_tokens = 0
+        # recall's work in the order the hooks need it: (layer, group key, members), and the
+        # load of the queue's head issued ahead of use
+        self._recall_queue: deque[tuple[int, str, list[_Member]]] = deque()
+        self._inflight: StagedRun | None = None
+        self.peak_staged_tokens = 0
+        """Most parked tokens (per layer) on the device at once in this step: the group being
+        re-selected plus the one loading."""
 
     # ---- planning (before the forward) -------------------------------------------------------
 
@@ -133,7 +144,57 @@ class Evictor:
             last = req.num_computed_tokens + n == req.num_tokens
             key = repr(policy)
             self.groups.setdefault(key, _Group(policy)).members.append(_Member(b, req, n, evict, windowed, recall, last))
+        if self.host is not None:
+            self._plan_recall()
         return bool(self.groups)
+
+    def _plan_recall(self) -> None:
+        """Queue the step's re-selections (layer by layer, groups within the staging bound)
+        and start loading the first. With ``recall_attention="recalled"`` a layer is
+        re-selected twice: before its attention (the held count, the rest parked back) and
+        after it (the budget, from what the first pass parked back)."""
+        cap = self.host.stage_tokens
+        phases = (True, False) if self.recall_attention == "recalled" else (False,)
+        for layer in range(self.num_layers):
+            for before in phases:
+                for key, group in self.groups.items():
+                    chunk, size = [], 0
+                    for m in group.members:
+                        if not self._recalls_now(m, layer):
+                            continue
+                        p = self.host.seqs[m.req.request_id].lens[layer]
+                        if chunk and size + p > cap:
+                            self._recall_queue.append((layer, key, before, chunk))
+                            chunk, size = [], 0
+                        chunk.append(m)
+                        size += p
+                    if chunk:
+                        self._recall_queue.append((layer, key, before, chunk))
+        self._load_next()
+
+    def _load_next(self) -> None:
+        """Issue the load of the queue's head, unless it reads what this step parks back
+        (the second pass of ``recalled``): that one loads when it is reached."""
+        self._inflight = None
+        if self._recall_queue:
+            layer, key, before, members = self._recall_queue[0]
+            if before or self.recall_attention != "recalled":
+                self._inflight = self.host.load([m.req.request_id for m in members], layer, with_state=self.groups[key].policy.stateful)
+
+    def _recall_groups(self, layer: int, key: str, before: bool, q: torch.Tensor, meta) -> None:
+        """Re-select the queued groups of (layer, policy, pass): each one's load was issued
+        when the previous one started, and this one's start issues the next."""
+        while self._recall_queue and self._recall_queue[0][:3] == (layer, key, before):
+            _, _, _, members = self._recall_queue.popleft()
+            staged = self._inflight
+            if staged is None:  # after this step's parks: the load must follow them
+                self.host.mark_parks()
+                staged = self.host.load([m.req.request_id for m in members], layer, with_state=self.groups[key].policy.stateful)
+            staged.ready()
+            self._load_next()
+            nxt = sum(self._inflight.counts) if self._inflight is not None else 0
+            self.peak_staged_tokens = max(self.peak_staged_tokens, sum(staged.counts) + nxt)
+            self._recall_group(layer, self.groups[key].policy, members, staged, q, meta, before)
 
     # ---- the hook (inside the forward) -------------------------------------------------------
 
@@ -148,23 +209,19 @@ class Evictor:
                 if m.windowed:
                     s, e = meta.query_start[m.b], meta.query_start[m.b + 1]
                     self.windows[m.req.request_id].push(layer, q[s:e])
-            if self.recall_attention == "recalled":
-                for m in group.members:
-                    if self._recalls_now(m, layer):
-                        self._recall_before_attention(layer, group.policy, m, q, meta)
+        if self.recall_attention == "recalled":
+            for key in self.groups:
+                self._recall_groups(layer, key, True, q, meta)
 
     def __call__(self, layer: int, q: torch.Tensor, attn: PoolAttention) -> None:
         """After the layer attended: evict (and park, and recall)."""
         meta = attn.meta
-        for group in self.groups.values():
+        for key, group in self.groups.items():
             pol = group.policy
-            members = [m for m in group.members if m.evict_layers[layer] or pol.stateful]
-            recalling = [m for m in members if self._recalls_now(m, layer)]
-            members = [m for m in members if m not in recalling]
+            members = [m for m in group.members if (m.evict_layers[layer] or pol.stateful) and not self._recalls_now(m, layer)]
             if members:
                 self._score_and_compact(layer, pol, members, q, meta)
-            for m in recalling:  # one request at a time: one layer's parked K/V on the GPU at most
-                self._recall(layer, pol, m, q, meta)
+            self._recall_groups(layer, key, False, q, meta)
 
     def _score_and_compact(self, layer: int, pol: EvictionPolicy, members: list[_Member], q: torch.Tensor, meta) -> None:
         cache, dev = self.cache, self.cache.device
@@ -247,83 +304,91 @@ class Evictor:
         store. keep_idx (B, H, K); keys, values (B, H, T, D); key_pos, state (B, H, T).
         ``replace``: these become the layer's whole parked run instead of being appended."""
         cmax = max(counts)
+        if cmax == 0:
+            return
         idx = self._dropped(keep_idx, key_mask)[:, :, :cmax]  # (B, H, C)
 
         def take(t: torch.Tensor) -> torch.Tensor:  # (B, H, T[, D]) -> (B, C, H[, D]), one gather for all
             ix = idx[..., None].expand(-1, -1, -1, t.shape[-1]) if t.dim() == 4 else idx
             return t.gather(2, ix).transpose(1, 2).contiguous()
 
-        k, v, pos = take(keys), take(values), take(key_pos)
-        st = None if state is None else take(state)
-        for i, m in enumerate(members):
-            c = counts[i]
-            if replace:
+        if replace:
+            for m in members:
                 self.host.seqs[m.req.request_id].lens[layer] = 0
-            if c:  # rows are contiguous (c, H[, D]) slices: one copy per host block run
-                self.host.park(m.req.request_id, layer, k[i, :c], v[i, :c], pos[i, :c], None if st is None else st[i, :c])
+        # rows are contiguous (c, H[, D]) slices: one copy per tensor and host run
+        items = [(m.req.request_id, i, c) for i, (m, c) in enumerate(zip(members, counts)) if c]
+        self.host.park(layer, items, take(keys), take(values), take(key_pos), None if state is None else take(state))
 
-    def _union(self, layer: int, pol: EvictionPolicy, m: _Member, slots: torch.Tensor, held: int):
-        """The layer's tokens in the pool (``slots``, of which the first ``held`` were there
-        before this step) and its parked ones, in position order per head: keys, values
-        (1, H, U, D), positions and state (1, H, U)."""
+    def _recall_group(self, layer: int, pol: EvictionPolicy, members: list[_Member], staged: StagedRun, q: torch.Tensor,
+                      meta, before: bool) -> None:
+        """Re-select a group of recall requests in one layer from the union of their held and
+        parked tokens, scored with the final observation window, batched over the group.
+
+        ``before`` (``recalled``, before the chunk attends): the union is the held tokens plus
+        the parked ones, each keeps as many as it held and the rest is parked back. Otherwise
+        (after the last chunk attended): held + the chunk's tokens + parked, each keeps its
+        budget, and its parked copy is done with."""
         cache, dev = self.cache, self.cache.device
-        pk, pv, ppos, pstate = self.host.load(m.req.request_id, layer, with_state=pol.stateful)  # (P, H, D) x2, (P, H) x2
-        keys = torch.cat([pk, cache.k[layer, slots]])  # (U, H, D)
-        values = torch.cat([pv, cache.v[layer, slots]])
-        pos = torch.cat([ppos, cache.pos[layer, slots].to(torch.int64)])  # (U, H)
+        stage = cache.stager.to_device
+        B, H, D = len(members), cache.num_kv_heads, cache.head_dim
+        held = np.array([meta.lens[m.b][layer] for m in members], dtype=np.int64)
+        T = held if before else held + np.array([m.n for m in members], dtype=np.int64)  # pool tokens in the union
+        P = np.array(staged.counts, dtype=np.int64)  # parked tokens
+        U = P + T
+        Um = int(U.max())
+        # flat union index (member * Um + column) of every token: parked first, then the pool's,
+        # as the unbatched concatenation had them (the sort below is stable)
+        p_row = np.repeat(np.arange(B), P)
+        p_col = np.arange(p_row.size) - np.repeat(np.cumsum(P) - P, P)
+        t_row = np.repeat(np.arange(B), T)
+        t_j = np.arange(t_row.size) - np.repeat(np.cumsum(T) - T, T)  # index among the member's pool tokens
+        p_at = stage(torch.from_numpy(p_row * Um + p_col), torch.int64)
+        t_at = stage(torch.from_numpy(t_row * Um + P[t_row] + t_j), torch.int64)
+        b_of = np.array([m.b for m in members], dtype=np.int64)
+        t_slots = meta.slots[stage(torch.from_numpy(b_of[t_row]), torch.int64), stage(torch.from_numpy(t_j), torch.int64)]  # (ΣT,)
+
+        def union(parked: torch.Tensor, pooled: torch.Tensor, fill=0) -> torch.Tensor:  # -> (B, Um, H[, D])
+            out = torch.full((B * Um, *parked.shape[1:]), fill, dtype=pooled.dtype, device=dev)
+            out.index_copy_(0, p_at, parked.to(pooled.dtype))
+            out.index_copy_(0, t_at, pooled)
+            return out.view(B, Um, *parked.shape[1:])
+
+        pos = union(staged.pos, cache.pos[layer].index_select(0, t_slots).to(torch.int64), fill=torch.iinfo(torch.int64).max)
+        order = pos.argsort(dim=1, stable=True)  # (B, Um, H): position order per head, padding last
+        g4 = order[..., None].expand(-1, -1, -1, D)
+        keys = union(staged.k, cache.k[layer].index_select(0, t_slots)).gather(1, g4).transpose(1, 2)  # (B, H, Um, D)
+        values = union(staged.v, cache.v[layer].index_select(0, t_slots)).gather(1, g4).transpose(1, 2)
+        pos = pos.gather(1, order).transpose(1, 2)  # (B, H, Um)
         state = None
         if pol.stateful:
-            cur = cache.state[layer, slots] * (torch.arange(len(slots), device=dev) < held)[:, None]  # new keys start at 0
-            state = torch.cat([pstate, cur])
-        order = pos.argsort(dim=0, stable=True)  # (U, H): as if nothing had ever been evicted
-        D = keys.shape[-1]
-        keys = keys.gather(0, order[..., None].expand(-1, -1, D)).transpose(0, 1)[None]
-        values = values.gather(0, order[..., None].expand(-1, -1, D)).transpose(0, 1)[None]
-        pos = pos.gather(0, order).T[None]
-        if state is not None:
-            state = state.gather(0, order).T[None]
-        return keys, values, pos, state
-
-    def _select_union(self, layer, pol, m, q, meta, slots, held, budget):
-        """Score the union with the observation window, keep ``budget`` per head, write the
-        kept tokens to the front of ``slots``; returns (kept count, select_keep's output,
-        the union) so the caller can park what was left out."""
-        dev = self.cache.device
-        keys, values, pos, state = self._union(layer, pol, m, slots, held)
-        U, D = keys.shape[2], keys.shape[3]
-        key_mask = torch.ones(1, U, dtype=torch.bool, device=dev)
+            old = stage(torch.from_numpy(t_j < held[t_row]), torch.bool)  # this chunk's keys start at 0
+            cur = cache.state[layer].index_select(0, t_slots) * old[:, None]
+            state = union(staged.state, cur).gather(1, order).transpose(1, 2)
+        key_mask = torch.arange(Um, device=dev)[None, :] < stage(torch.from_numpy(U), torch.int64)[:, None]  # (B, Um)
         queries = q_pos = q_mask = None
         if pol.needs_queries:
-            queries, q_pos, q_mask = self._queries(pol, [m], layer, q, meta)
+            queries, q_pos, q_mask = self._queries(pol, members, layer, q, meta)
         result = pol.score(ScoreContext(keys, values, pos, key_mask, queries, q_pos, q_mask, state, layer, self.num_layers))
-        k = min(budget, U)  # known on the host: no device sync
-        keep_idx, _ = select_keep(result.scores, key_mask, budget, pol.sink, pol.window, max_keep=k)
-        idx = keep_idx[0, :, :k]  # (H, k)
-        gidx = idx[..., None].expand(-1, -1, D)
+
+        budgets = held if before else np.array([m.req.layer_budgets[layer] for m in members], dtype=np.int64)
+        keep = np.minimum(budgets, U)  # known on the host: no device sync
+        keep_idx, _ = select_keep(result.scores, key_mask, stage(torch.from_numpy(keep), torch.int64), pol.sink, pol.window, max_keep=int(keep.max()))
+        rows = np.repeat(np.arange(B), keep)
+        cols = np.arange(rows.size) - np.repeat(np.cumsum(keep) - keep, keep)
+        dst = meta.slots[stage(torch.from_numpy(b_of[rows]), torch.int64), stage(torch.from_numpy(cols), torch.int64)]
+        rows, cols = stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
+        gidx = keep_idx[..., None].expand(-1, -1, -1, D)
         self._store(
-            layer, slots[:k], keys[0].gather(1, gidx).transpose(0, 1), values[0].gather(1, gidx).transpose(0, 1),
-            pos[0].gather(1, idx).T, None if result.state is None else result.state[0].gather(1, idx).T,
+            layer, dst, keys.gather(2, gidx)[rows, :, cols], values.gather(2, gidx)[rows, :, cols],
+            pos.gather(2, keep_idx)[rows, :, cols], None if result.state is None else result.state.gather(2, keep_idx)[rows, :, cols],
         )
-        return k, keep_idx, key_mask, (keys, values, pos, result.state)
-
-    def _recall_before_attention(self, layer, pol, m, q, meta) -> None:
-        """``recall_attention="recalled"``: before the last chunk attends, swap the layer's
-        held prompt tokens for the best ``held`` of held + parked (scored by this chunk's
-        window), so the chunk attends to the recalled set; the rest is parked back."""
-        held = meta.lens[m.b][layer]
-        slots = meta.slots[m.b, :held]
-        _, keep_idx, key_mask, (keys, values, pos, state) = self._select_union(layer, pol, m, q, meta, slots, held, held)
-        parked = keys.shape[2] - held
-        self._park(layer, [m], [parked], keep_idx, key_mask, keys, values, pos, state, replace=True)
-
-    def _recall(self, layer: int, pol: EvictionPolicy, m: _Member, q: torch.Tensor, meta) -> None:
-        """Last chunk of a recall request: keep the layer's budget out of every prompt token."""
-        held = meta.lens[m.b][layer]
-        T = held + m.n
-        k, *_ = self._select_union(layer, pol, m, q, meta, meta.slots[m.b, :T], held, m.req.layer_budgets[layer])
-        nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
-        nl[layer] = k
-        self.evicted_tokens += T - k  # GPU-side accounting: parked tokens were counted when parked
+        if before:
+            self._park(layer, members, (U - keep).tolist(), keep_idx, key_mask, keys, values, pos, result.state, replace=True)
+            return
+        for m, t, k in zip(members, T.tolist(), keep.tolist()):
+            nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
+            nl[layer] = k
+            self.evicted_tokens += t - k  # GPU-side accounting: parked tokens were counted when parked
 
     def _queries(self, pol: EvictionPolicy, members: list[_Member], layer: int, q: torch.Tensor, meta):
         dev = q.device
@@ -352,10 +417,13 @@ class Evictor:
 
     def finish(self) -> None:
         """Lower the held lengths of the layers that evicted (after the step's commit)."""
+        if self._recall_queue:  # the plan and the hooks disagree: a bug, not a user error
+            raise RuntimeError(f"recall re-selections planned but not run: {[(l, b) for l, _, b, _ in self._recall_queue]}")
         for rid, lens in self.new_lens.items():
             cur = self.cache.seqs[rid].lens
             self.cache.set_lens(rid, [c if n is None else n for c, n in zip(cur, lens)])
         if self.host is not None:  # prefill is over for these: their parked copy goes
+            self.host.mark_parks()
             for group in self.groups.values():
                 for m in group.members:
                     if m.recall and m.last_chunk:

@@ -1,85 +1,167 @@
 """Recall's second tier: K/V evicted during prefill, parked in host memory.
 
-A ``KVCache`` on the CPU (pinned when the engine runs on CUDA) with large blocks, so that a
-layer's parked run of a request spans few contiguous slices and each slice is one
-asynchronous copy. Parking appends a layer's dropped tokens after the ones parked earlier;
-at the prompt's last chunk the layer's parked tokens are read back, one layer of one request
-at a time, and the request's share is freed when its prefill ends.
+A ``KVCache`` on the CPU (pinned when the engine runs on CUDA) with large blocks. A request
+reserves its blocks at admission as one contiguous run where it can, so that a layer's
+parked run is a single slice of the store and parking or loading it is one copy per tensor
+(k, v, pos): the copies are issued from Python one by one, and on W1 their count, not their
+bytes, was what recall cost.
 
-Copies to the host go on a side CUDA stream so they overlap the next layers' compute; the
-main stream waits for that stream before anything is read back.
+Streams (CUDA): parks go to the host on ``copy_stream`` and overlap the next layers' compute;
+loads come back on their own ``load_stream`` (PCIe is full duplex, so a load need not queue
+behind the parks) and may be issued ahead of use (the evictor prefetches the next group
+while the current one is scored). A load waits for the parks of the previous steps
+(``step_event``, marked when a step ends): a request's parked run is complete when its last
+chunk starts, since the last chunk itself parks nothing it will recall.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from engine.kv_cache import KVCache
 
 HOST_BLOCK = 1024
-"""Tokens per host block. A parked run is copied one contiguous slice per block it touches:
-with 256-token blocks W1's recall issued ~460k small copies (4 per slice); a prompt's parked
-run is a few thousand tokens, so 1024 keeps it to a handful of slices per layer."""
+"""Tokens per host block. With 256-token blocks and one copy per block, W1's recall issued
+~460k small copies; blocks now merge into one slice when they are adjacent, which the
+contiguous reservation makes the rule, so the block size only sets the allocation grain."""
+
+
+@dataclass
+class StagedRun:
+    """Parked tokens of several requests for one layer, on the compute device, in request
+    order: k, v (P, H, D); pos (P, H) int32; state (P, H) or None; ``counts[i]`` rows each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    state: torch.Tensor | None
+    counts: list[int]
+    event: torch.cuda.Event | None = None
+
+    def ready(self) -> "StagedRun":
+        """Make the current stream wait for the copies (CUDA) before it reads the tensors."""
+        if self.event is not None:
+            cur = torch.cuda.current_stream(self.k.device)
+            cur.wait_event(self.event)
+            for t in (self.k, self.v, self.pos, self.state):
+                if t is not None:
+                    t.record_stream(cur)  # allocated on the load stream, freed after use here
+            self.event = None
+        return self
 
 
 class HostKVStore(KVCache):
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_tokens: int, dtype: torch.dtype, for_device: torch.device) -> None:
+    def __init__(
+        self, num_layers: int, num_kv_heads: int, head_dim: int, num_tokens: int, dtype: torch.dtype,
+        for_device: torch.device, stage_tokens: int = 32768,
+    ) -> None:
         cuda = for_device.type == "cuda"
         super().__init__(num_layers, num_kv_heads, head_dim, max(1, num_tokens // HOST_BLOCK), HOST_BLOCK, dtype, "cpu", pin_memory=cuda)
         self.ensure_state()
         self.for_device = for_device
+        self.stage_tokens = stage_tokens
+        """Most parked tokens (per layer, summed over the requests of one group) brought to the
+        device at once; the evictor holds at most two such groups (the one being scored and
+        the next one loading)."""
         self.copy_stream = torch.cuda.Stream(for_device) if cuda else None
+        self.load_stream = torch.cuda.Stream(for_device) if cuda else None
+        self.step_event: torch.cuda.Event | None = None
+
+    # ---- allocation -----------------------------------------------------------------------
 
     def reserve(self, request_id: str, tokens: int) -> bool:
-        """Reserve room for ``tokens`` parked tokens per layer (admission); all or nothing."""
-        return self.grow(request_id, tokens)
+        """Reserve room for ``tokens`` parked tokens per layer (admission); all or nothing.
+        Takes one contiguous run of blocks when the free blocks have one."""
+        s = self.seq(request_id)
+        need = self.blocks_for(max(s.lens) + tokens) - len(s.blocks)
+        if need <= 0 or need > len(self._free):
+            return need <= 0
+        free = sorted(self._free)
+        for i in range(len(free) - need + 1):
+            if free[i + need - 1] - free[i] == need - 1:  # sorted and distinct: a run
+                run = set(free[i : i + need])
+                self._free = [b for b in self._free if b not in run]
+                s.blocks.extend(free[i : i + need])
+                return True
+        return self.grow(request_id, tokens)  # fragmented: any blocks (more copies, same data)
 
     def _runs(self, request_id: str, start: int, count: int):
-        """Contiguous host slot ranges covering the request's parked tokens [start, start+count)."""
-        blocks = self.seqs[request_id].blocks
-        i = start
-        while i < start + count:
-            b, off = divmod(i, self.block_size)
-            n = min(self.block_size - off, start + count - i)
-            s0 = blocks[b] * self.block_size + off
-            yield i - start, s0, n
+        """Contiguous host slot ranges covering the request's parked tokens [start, start+count):
+        (offset in the run, first slot, length); adjacent blocks merge into one range."""
+        blocks, bs = self.seqs[request_id].blocks, self.block_size
+        i, end = start, start + count
+        while i < end:
+            b, off = divmod(i, bs)
+            e = b + 1
+            while e * bs < end and blocks[e] == blocks[e - 1] + 1:
+                e += 1
+            n = min(e * bs, end) - i
+            yield i - start, blocks[b] * bs + off, n
             i += n
 
-    def park(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, state: torch.Tensor | None) -> None:
-        """Append tokens to the layer's parked run. k, v (n, H, D), pos (n, H), state (n, H)
-        on the compute device."""
-        seq = self.seqs[request_id]
-        start, n = seq.lens[layer], k.shape[0]
+    # ---- parking (device -> host) ------------------------------------------------------------
+
+    def park(self, layer: int, items: list[tuple[str, int, int]], k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+             state: torch.Tensor | None) -> None:
+        """Append tokens to the layers' parked runs. ``items``: (request id, row, count): row
+        ``row``'s first ``count`` entries of k, v (B, C, H, D), pos, state (B, C, H), on the
+        compute device, go after the request's tokens parked in this layer so far."""
         srcs = [(self.k, k), (self.v, v), (self.pos, pos.to(torch.int32))]
         if state is not None:
             srcs.append((self.state, state))
-        if self.copy_stream is not None:
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.for_device))
-            with torch.cuda.stream(self.copy_stream):
-                for off, s0, m in self._runs(request_id, start, n):
-                    for dst, src in srcs:
-                        dst[layer, s0 : s0 + m].copy_(src[off : off + m], non_blocking=True)
-            for _, src in srcs:
-                src.record_stream(self.copy_stream)  # keep the source alive until copied
-        else:
-            for off, s0, m in self._runs(request_id, start, n):
-                for dst, src in srcs:
-                    dst[layer, s0 : s0 + m] = src[off : off + m]
-        seq.lens[layer] = start + n
 
-    def load(self, request_id: str, layer: int, with_state: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The layer's parked tokens on the compute device: k, v (P, H, D), pos (P, H) int64,
-        state (P, H) (None unless ``with_state``: stateless policies parked none)."""
-        n = self.seqs[request_id].lens[layer]
-        dev = self.for_device
-        srcs = (self.k, self.v, self.pos) + ((self.state,) if with_state else ())
-        out = [torch.empty((n, *src.shape[2:]), dtype=src.dtype, device=dev) for src in srcs]
+        def copies(non_blocking: bool) -> None:
+            for rid, row, n in items:
+                seq = self.seqs[rid]
+                for off, s0, m in self._runs(rid, seq.lens[layer], n):
+                    for dst, src in srcs:
+                        dst[layer, s0 : s0 + m].copy_(src[row, off : off + m], non_blocking=non_blocking)
+                seq.lens[layer] += n
+
+        if self.copy_stream is None:
+            copies(False)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.for_device))
+        with torch.cuda.stream(self.copy_stream):
+            copies(True)
+        for _, src in srcs:
+            src.record_stream(self.copy_stream)  # keep the sources alive until copied
+
+    def mark_parks(self) -> None:
+        """Loads issued from now on wait for the parks issued so far (the engine marks the end
+        of each step; a load of what this step parks back marks before it loads)."""
         if self.copy_stream is not None:
-            torch.cuda.current_stream(dev).wait_stream(self.copy_stream)  # parked copies landed
-        for off, s0, m in self._runs(request_id, 0, n):
-            for dst, src in zip(out, srcs):
-                dst[off : off + m].copy_(src[layer, s0 : s0 + m], non_blocking=True)
-        out[2] = out[2].to(torch.int64)
-        return out[0], out[1], out[2], out[3] if with_state else None
+            self.step_event = self.copy_stream.record_event()
+
+    # ---- loading (host -> device) ------------------------------------------------------------
+
+    def load(self, request_ids: list[str], layer: int, with_state: bool = True) -> StagedRun:
+        """The layer's parked tokens of ``request_ids`` on the compute device, one after the
+        other. Asynchronous on CUDA: call ``ready()`` on the result before reading it."""
+        counts = [self.seqs[r].lens[layer] for r in request_ids]
+        total, dev = sum(counts), self.for_device
+        srcs = (self.k, self.v, self.pos) + ((self.state,) if with_state else ())
+
+        def fill() -> list[torch.Tensor]:
+            out = [torch.empty((total, *src.shape[2:]), dtype=src.dtype, device=dev) for src in srcs]
+            o = 0
+            for rid, c in zip(request_ids, counts):
+                for off, s0, m in self._runs(rid, 0, c):
+                    for dst, src in zip(out, srcs):
+                        dst[o + off : o + off + m].copy_(src[layer, s0 : s0 + m], non_blocking=self.load_stream is not None)
+                o += c
+            return out
+
+        if self.load_stream is None:
+            out, event = fill(), None
+        else:
+            with torch.cuda.stream(self.load_stream):
+                if self.step_event is not None:
+                    self.load_stream.wait_event(self.step_event)
+                out = fill()
+                event = self.load_stream.record_event()
+        return StagedRun(out[0], out[1], out[2], out[3] if with_state else None, counts, event)
 
     def parked(self, request_id: str) -> int:
         s = self.seqs.get(request_id)

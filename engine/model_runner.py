@@ -109,7 +109,7 @@ class ModelRunner:
         tokens = self.config.cache.host_kv_tokens
         if tokens is None:
             tokens = min(gpu_pool_tokens, _available_ram() // 4 // (self.kv_bytes_per_token() + 4 * s.num_layers * s.num_kv_heads))
-        store = HostKVStore(s.num_layers, s.num_kv_heads, s.head_dim, tokens, self.dtype, self.device)
+        store = HostKVStore(s.num_layers, s.num_kv_heads, s.head_dim, tokens, self.dtype, self.device, self.config.cache.recall_stage_tokens)
         log.info("recall host store: %d tokens per layer (%.2f GiB, pinned=%s)", store.capacity_tokens, store.capacity_tokens * self.kv_bytes_per_token() / 2**30, store.pin_memory)
         return store
 

@@ -23,6 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evict-decode-every", type=int, default=0, help="also evict every k decode steps (0: prefill only)")
     p.add_argument("--kv-recall", action=argparse.BooleanOptionalAction, default=False, help="park evicted prefill K/V in host memory and re-select at the last chunk")
     p.add_argument("--host-kv-tokens", type=int, default=None, help="recall's host store capacity in tokens per layer")
+    p.add_argument("--recall-stage-tokens", type=int, default=32768,
+                   help="recall: most parked tokens per layer brought back to the device at once (requests re-selected together)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"], help="auto: fused Triton kernels on CUDA")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="replay decode steps from CUDA graphs (CUDA + fused kernels)")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured in a graph")
@@ -51,6 +53,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         evict_decode_every=args.evict_decode_every,
         kv_recall=args.kv_recall,
         host_kv_tokens=args.host_kv_tokens,
+        recall_stage_tokens=args.recall_stage_tokens,
         attention_backend=args.attention_backend,
         cuda_graphs=args.cuda_graphs,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
