@@ -129,6 +129,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     """``auto`` (the fused Triton kernels on CUDA when Triton is installed, else torch),
     ``triton`` or ``torch`` (the reference: SDPA per request over gathered K/V)."""
+    fused_ops: bool | None = None
+    """RMSNorm (with the residual add), RoPE and SiLU x up as Triton kernels
+    (``engine/fused_ops.py``). ``None``: whenever attention runs the Triton kernels."""
     cuda_graphs: bool = True
     """Replay decode-only steps from CUDA graphs captured per batch-size bucket (on CUDA with
     the fused kernels; steps that evict, or need prompt logprobs, run eagerly)."""

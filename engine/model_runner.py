@@ -50,10 +50,17 @@ class ModelRunner:
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.spec = ModelSpec.from_hf_config(self.hf_config)
         inv_freq, scale = rope_inv_freq(self.hf_config, self.spec.head_dim)
+        backend = config.attention_backend
+        if backend == "triton" and not (HAS_TRITON and self.device.type == "cuda"):
+            raise ValueError("attention_backend='triton' needs CUDA and Triton")
+        self.fused = backend == "triton" or (backend == "auto" and HAS_TRITON and self.device.type == "cuda")
+        self.fused_ops = self.fused if config.fused_ops is None else config.fused_ops
+        if self.fused_ops and not (HAS_TRITON and self.device.type == "cuda"):
+            raise ValueError("fused_ops needs CUDA and Triton")
         # Build on the meta device and allocate once in the target dtype: no float32 copy of
         # an 8B model, no init kernels for weights that are overwritten anyway.
         with torch.device("meta"):
-            model = DecoderModel(self.spec, inv_freq, scale).to(dtype=self.dtype)
+            model = DecoderModel(self.spec, inv_freq, scale, fused_ops=self.fused_ops).to(dtype=self.dtype)
         model.to_empty(device=self.device)
         model.rotary.inv_freq = inv_freq.to(self.device)  # RoPE frequencies stay float32
         with torch.no_grad():
@@ -68,10 +75,6 @@ class ModelRunner:
                     else:  # norm scales
                         p.fill_(1.0)
         self.model = model.eval().requires_grad_(False)
-        backend = config.attention_backend
-        if backend == "triton" and not (HAS_TRITON and self.device.type == "cuda"):
-            raise ValueError("attention_backend='triton' needs CUDA and Triton")
-        self.fused = backend == "triton" or (backend == "auto" and HAS_TRITON and self.device.type == "cuda")
         self.graphs: DecodeGraphs | None = None
 
     # ---- the pool ---------------------------------------------------------------------------

@@ -26,6 +26,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recall-stage-tokens", type=int, default=32768,
                    help="recall: most parked tokens per layer brought back to the device at once (requests re-selected together)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"], help="auto: fused Triton kernels on CUDA")
+    p.add_argument("--fused-ops", action=argparse.BooleanOptionalAction, default=None,
+                   help="Triton kernels for RMSNorm+residual, RoPE, SiLU x up (default: with the Triton attention backend)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="replay decode steps from CUDA graphs (CUDA + fused kernels)")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured in a graph")
     p.add_argument("--decode-reserve-tokens", type=int, default=None,
@@ -55,6 +57,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         host_kv_tokens=args.host_kv_tokens,
         recall_stage_tokens=args.recall_stage_tokens,
         attention_backend=args.attention_backend,
+        fused_ops=args.fused_ops,
         cuda_graphs=args.cuda_graphs,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         seed=args.seed,
