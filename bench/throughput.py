@@ -107,6 +107,7 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
     eng = llm.engine
     eng._stats.peak_running_batch_size = 0
     fallbacks0 = eng.stats().num_recall_fallbacks_total
+    retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)  # caching-allocator frees + retries (each syncs)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True), use_tqdm=a.progress)
     torch.cuda.synchronize()
@@ -116,7 +117,8 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
     res = dict(system="batchmax", config=cfg["name"], prompts=len(prompts), elapsed_s=elapsed, out_tokens=len(prompts) * out_len,
                peak_batch=st.peak_running_batch_size, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                recall_fallbacks=st.num_recall_fallbacks_total - fallbacks0, kv_pool_tokens=eng.cache.capacity_tokens,
-               budget=cfg["budget"], recall=cfg["recall"], fused_ops=eng.runner.fused_ops)
+               budget=cfg["budget"], recall=cfg["recall"], fused_ops=eng.runner.fused_ops,
+               alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0)
     del llm, eng, outs
     gc.collect()
     torch.cuda.empty_cache()
