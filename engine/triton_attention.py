@@ -251,7 +251,7 @@ if HAS_TRITON:
 
     # num_reqs / num_tokens change every step: no recompile per value, and never the
     # constexpr 1 that Triton would make of them (it breaks the search loop's types)
-    @triton.jit(do_not_specialize=["req_base", "num_reqs", "tok_base", "num_tokens"])
+    @triton.jit(do_not_specialize=["req_base", "num_reqs", "tok_base", "num_tokens", "stride_bt"])
     def _paged_attn_kernel(
         out_ptr,  # (N, H_q, D) output, q's dtype
         q_ptr,  # (N, H_q, D)
