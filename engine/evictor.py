@@ -144,7 +144,7 @@ class Evictor:
             last = req.num_computed_tokens + n == req.num_tokens
             key = repr(policy)
             self.groups.setdefault(key, _Group(policy)).members.append(_Member(b, req, n, evict, windowed, recall, last))
-        if self.host is not None:
+        if self.host is not None and any(m.recall and m.last_chunk for g in self.groups.values() for m in g.members):
             self._plan_recall()
         return bool(self.groups)
 

@@ -152,3 +152,35 @@ def test_batched_recall_equals_one_request_at_a_time(policy, recall_attention, t
     split, peak, loads = _kept_many(tiny_llama, prompts, policy, recall_stage_tokens=cap, **kw)
     assert split == alone
     assert max(loads) == 1 and 0 < peak <= 2 * cap  # one request per group; the next one loading
+
+
+def test_host_store_contiguous_runs_and_round_trip():
+    """A reservation takes one contiguous run of blocks when there is one, so a layer's parked
+    run is one slice (one copy per tensor); parks append, and a group load returns every
+    request's run in order, also when the free blocks are fragmented."""
+    from engine.host_store import HOST_BLOCK, HostKVStore
+
+    H, D = 2, 4
+    store = HostKVStore(2, H, D, 8 * HOST_BLOCK, torch.float32, torch.device("cpu"), stage_tokens=4096)
+    assert store.reserve("a", 2 * HOST_BLOCK + 5)  # 3 blocks
+    assert store.reserve("b", HOST_BLOCK)
+    assert list(store._runs("a", 0, 2 * HOST_BLOCK + 5)) == [(0, store.seqs["a"].blocks[0] * HOST_BLOCK, 2 * HOST_BLOCK + 5)]
+    assert store.reserve("c", 2 * HOST_BLOCK)
+    store.free("b")  # free blocks: b's one and the last two, no run of three
+    assert store.reserve("d", 3 * HOST_BLOCK)
+    assert len(list(store._runs("d", 0, 3 * HOST_BLOCK))) > 1
+    g = torch.Generator().manual_seed(0)
+    sent = {}
+    for rid, n in (("a", 2 * HOST_BLOCK + 5), ("d", 3 * HOST_BLOCK)):
+        parts = []
+        for take in (n // 3, n - n // 3):  # two parks: the second appends
+            k, v = torch.randn(1, take, H, D, generator=g), torch.randn(1, take, H, D, generator=g)
+            pos = torch.randint(0, 10**6, (1, take, H), generator=g)
+            store.park(1, [(rid, 0, take)], k, v, pos, None)
+            parts.append((k[0], v[0], pos[0]))
+        sent[rid] = [torch.cat(t) for t in zip(*parts)]
+    got = store.load(["d", "a"], 1, with_state=False).ready()
+    assert got.counts == [3 * HOST_BLOCK, 2 * HOST_BLOCK + 5] and got.state is None
+    want = [torch.cat([sent["d"][i], sent["a"][i]]) for i in range(3)]
+    assert torch.equal(got.k, want[0]) and torch.equal(got.v, want[1]) and torch.equal(got.pos.long(), want[2])
+    assert store.seqs["a"].lens == [0, 2 * HOST_BLOCK + 5]
