@@ -139,6 +139,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._num_unfinished = 0  # guarded by _lock: requests submitted and not yet reported finished
         self._step_failures = 0  # engine thread only; the engine itself never sees its failed steps end
+        self._failures_in_a_row = 0  # written by the engine thread, read by /health
         self._stats = self._read_stats()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="batchmax-engine", daemon=True)
@@ -216,6 +217,11 @@ class AsyncEngine:
         return max(0, self.num_unfinished - self._stats.num_running)
 
     @property
+    def consecutive_step_failures(self) -> int:
+        """Engine steps that failed since the last one that succeeded."""
+        return self._failures_in_a_row
+
+    @property
     def is_running(self) -> bool:
         return not self._stopped and self._thread.is_alive()
 
@@ -266,16 +272,19 @@ class AsyncEngine:
         except StepError as exc:  # the step's requests are broken; the others go on
             logger.error("engine step failed (%s); failing its %d request(s)", exc, len(exc.request_ids), exc_info=exc.__cause__)
             self._step_failures += 1
+            self._failures_in_a_row += 1
             self._fail(exc.request_ids, f"engine error: {exc}")
             state["last_step_failed"] = True
             return True
         except Exception as exc:  # no telling which requests it broke: all of those in flight
             logger.exception("engine step failed; failing %d request(s)", len(self._entries))
             self._step_failures += 1
+            self._failures_in_a_row += 1
             self._finish_all("error", f"engine error: {type(exc).__name__}: {exc}")
             state["last_step_failed"] = True
             return True
         state["last_step_failed"] = False
+        self._failures_in_a_row = 0
         now = time.monotonic()
         self._stats = self._read_stats()
         if self.on_step is not None:

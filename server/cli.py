@@ -100,6 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queued=args.max_queued,
             shutdown_timeout=args.shutdown_timeout,
             max_body_bytes=args.max_body_bytes,
+            unhealthy_after_step_failures=args.unhealthy_after_step_failures,
             log_level=args.log_level,
         )
         config = EngineConfig.from_kwargs(**engine_kwargs(args))
@@ -240,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued", type=int, default=1024, help="most requests waiting for admission; beyond, 503 with Retry-After")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
     s.add_argument("--max-body-bytes", type=int, default=32 << 20, help="largest request body accepted (413 beyond)")
+    s.add_argument("--unhealthy-after-step-failures", type=int, default=3,
+                   help="/health answers 503 after this many engine steps in a row failed (a success resets it)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 

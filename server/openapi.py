@@ -98,7 +98,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             if path == "/metrics":
                 ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
             if path == "/health":
-                responses["503"] = {"description": "Loading, draining or stopped.", "content": _json({"type": "object"})}
+                responses["503"] = {"description": "Loading, draining, stopped, or the last engine steps failed.", "content": _json({"type": "object"})}
             if path in OPEN_ROUTES:
                 continue
             statuses = {"401", "404", "503"}

@@ -63,6 +63,9 @@ async def health(request: Request) -> Response:
         return JSONResponse({"status": "failed", "error": str(ctx.load_error)}, status_code=503)
     if not ctx.ready or ctx.engine is None or not ctx.engine.is_running:
         return JSONResponse({"status": "loading" if not ctx.ready else "engine stopped"}, status_code=503)
+    failures = ctx.engine.consecutive_step_failures
+    if failures >= ctx.settings.unhealthy_after_step_failures:
+        return JSONResponse({"status": "unhealthy", "error": f"the last {failures} engine steps failed"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 

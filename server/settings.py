@@ -26,6 +26,11 @@ class ServerSettings:
     tokens, while a client cannot make the server buffer unbounded input."""
     max_n: int = 128
     """Largest ``n`` (choices per prompt) accepted."""
+    unhealthy_after_step_failures: int = 3
+    """``/health`` answers 503 (``unhealthy``) once this many engine steps in a row have failed,
+    so an orchestrator restarts a server whose engine is broken (a lost device, say) instead of
+    routing traffic to it; one successful step makes it healthy again. A single bad request
+    fails one step and does not trip it."""
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -39,3 +44,5 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
+        if self.unhealthy_after_step_failures < 1:
+            raise ValueError("unhealthy_after_step_failures must be >= 1")

@@ -131,3 +131,22 @@ def test_co_scheduled_requests_fail_and_waiting_ones_run(tiny_llama):
         assert st.num_step_failures_total == 1
     finally:
         ae.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_health_turns_503_after_steps_fail_in_a_row(fault_server):
+    """Two failed steps in a row leave /health at 200 (one bad request must not get the
+    server restarted); the third makes it 503 ``unhealthy``; one good step makes it 200 again."""
+    url = fault_server.url
+    for i in range(3):
+        r = httpx.post(url + "/v1/completions", json={"prompt": [POISON, 100 + i], "max_tokens": 3}, timeout=60)
+        assert r.status_code == 500, r.text
+        h = httpx.get(url + "/health", timeout=10)
+        if i < 2:
+            assert h.status_code == 200 and h.json() == {"status": "ok"}, h.text
+    assert h.status_code == 503, h.text
+    assert h.json() == {"status": "unhealthy", "error": "the last 3 engine steps failed"}
+    r = httpx.post(url + "/v1/completions", json={"prompt": [100, 101], "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200, r.text
+    h = httpx.get(url + "/health", timeout=10)
+    assert h.status_code == 200 and h.json() == {"status": "ok"}
