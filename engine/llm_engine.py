@@ -222,7 +222,8 @@ class LLMEngine:
         sample_reqs = [row_owner[i][0] for i in sample_idx]
         touched: list[Request] = []
         if sample_idx:
-            lg = logits[sample_idx]
+            # a copy the sampler may edit in place; the index is staged (a list index would sync)
+            lg = logits.index_select(0, self.cache.stager.to_device(sample_idx, torch.int64))
             suppress = [self._suppressed(r) for r in sample_reqs]
             tokens = self.sampler(lg, [r.params for r in sample_reqs], [r.generator for r in sample_reqs], suppress)
             want_lp = [r.params.logprobs for r in sample_reqs]
