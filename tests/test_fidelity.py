@@ -60,3 +60,25 @@ def test_fidelity_full_and_snapkv_recall(llm, count, capsys):
     assert scores[("full", 1.0, False)] == [1.0] * len(tasks)
     assert scores[("snapkv", 0.5, True)] == scores[("full", 1.0, False)]
     assert rows[("full", 1.0, False)]["agree"] == 1.0
+
+
+def test_checkpoint_resumes_finished_configurations(llm, count, tmp_path, monkeypatch):
+    """Each finished configuration is appended to the checkpoint; a rerun with the same
+    prompts and settings generates nothing and scores the same, other prompts start over."""
+    tasks = task_suite(["needle@0.5"], [500], 1, seed=5, count=count)
+    ck = tmp_path / "ck.jsonl"
+    first = run(None, tasks, ["snapkv"], [0.25], recall=(False,), progress=False, llm=llm, checkpoint=str(ck))
+    assert len(ck.read_text().splitlines()) == 2  # full, snapkv 25%
+    calls = []
+
+    def generate(*a, **k):
+        calls.append(a)
+        raise RuntimeError("generate called")
+
+    monkeypatch.setattr(llm, "generate", generate)
+    assert run(None, tasks, ["snapkv"], [0.25], recall=(False,), progress=False, llm=llm, checkpoint=str(ck)) == first
+    assert calls == []
+    other = task_suite(["needle@0.5"], [500], 1, seed=6, count=count)
+    with pytest.raises(RuntimeError, match="generate called"):  # nothing stored for these prompts
+        run(None, other, ["snapkv"], [0.25], recall=(False,), progress=False, llm=llm, checkpoint=str(ck))
+    assert len(calls) == 1
