@@ -105,9 +105,9 @@ class Evictor:
         self.groups: dict[str, _Group] = {}
         self.new_lens: dict[str, list[int]] = {}
         self.evicted_tokens = 0
-        # recall's work in the order the hooks need it: (layer, group key, members), and the
-        # load of the queue's head issued ahead of use
-        self._recall_queue: deque[tuple[int, str, list[_Member]]] = deque()
+        # recall's work in the order the hooks need it: (layer, group key, before attention?,
+        # members), and the load of the queue's head issued ahead of use
+        self._recall_queue: deque[tuple[int, str, bool, list[_Member]]] = deque()
         self._inflight: StagedRun | None = None
         self.peak_staged_tokens = 0
         """Most parked tokens (per layer) on the device at once in this step: the group being
@@ -303,6 +303,9 @@ class Evictor:
         """Send what the layer just dropped (``counts[i]`` tokens of member i) to the host
         store. keep_idx (B, H, K); keys, values (B, H, T, D); key_pos, state (B, H, T).
         ``replace``: these become the layer's whole parked run instead of being appended."""
+        if replace:
+            for m in members:
+                self.host.seqs[m.req.request_id].lens[layer] = 0
         cmax = max(counts)
         if cmax == 0:
             return
@@ -312,9 +315,6 @@ class Evictor:
             ix = idx[..., None].expand(-1, -1, -1, t.shape[-1]) if t.dim() == 4 else idx
             return t.gather(2, ix).transpose(1, 2).contiguous()
 
-        if replace:
-            for m in members:
-                self.host.seqs[m.req.request_id].lens[layer] = 0
         # rows are contiguous (c, H[, D]) slices: one copy per tensor and host run
         items = [(m.req.request_id, i, c) for i, (m, c) in enumerate(zip(members, counts)) if c]
         self.host.park(layer, items, take(keys), take(values), take(key_pos), None if state is None else take(state))
