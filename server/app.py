@@ -132,6 +132,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
                 loader.cancel()
             if ctx.engine is not None:
                 await asyncio.to_thread(ctx.engine.shutdown)
+            if ctx.serving is not None:
+                ctx.serving.close()
 
     app = FastAPI(title="batchmax", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.bm = ctx

@@ -2,6 +2,7 @@
 error is OpenAI-shaped with status 400, where FastAPI's automatic validation would say 422."""
 from __future__ import annotations
 
+import functools
 import secrets
 
 from fastapi import APIRouter, Depends, Request
@@ -132,9 +133,10 @@ async def tokenize(request: Request) -> Response:
     serving = _ready(ctx)
     _check_model(ctx, body.model)
     if body.messages is not None:
-        tokens = serving._chat_prompt(serving.chat_messages(body), body)
+        tokens = await serving.off_loop(serving._chat_prompt, serving.chat_messages(body), body)
     else:
-        tokens = serving.tokenizer("prompt").encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tok = serving.tokenizer("prompt")
+        tokens = await serving.off_loop(functools.partial(tok.encode, add_special_tokens=body.add_special_tokens), body.prompt)
     return JSONResponse({"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens})
 
 
@@ -142,13 +144,14 @@ async def tokenize(request: Request) -> Response:
 async def detokenize(request: Request) -> Response:
     ctx = _ctx(request)
     body = parse_body(await read_body(request, ctx.settings.max_body_bytes), DetokenizeRequest)
-    tok = _ready(ctx).tokenizer("tokens")
+    serving = _ready(ctx)
+    tok = serving.tokenizer("tokens")
     _check_model(ctx, body.model)
     vocab = len(tok)
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens", code="invalid_value")
-    return JSONResponse({"prompt": tok.decode(body.tokens)})
+    return JSONResponse({"prompt": await serving.off_loop(tok.decode, body.tokens)})
 
 
 router.include_router(protected)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -239,6 +241,17 @@ class OpenAIServing:
     def __init__(self, ctx: "ServerContext") -> None:
         self.ctx = ctx
         self.tokens = TokenStrings(ctx.tokenizer)
+        # Tokenising and chat templating run here, not on the event loop: a prompt of
+        # megabytes takes seconds to encode, and on the loop that would stall every stream.
+        # One thread: the server's tokenizer copy is not shared with another thread.
+        self._tok_thread = ThreadPoolExecutor(1, thread_name_prefix="batchmax-tokenize")
+
+    async def off_loop(self, fn: Callable, *args) -> Any:
+        """``fn(*args)`` in the tokenizer thread (its exceptions, 400s included, propagate)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tok_thread, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._tok_thread.shutdown(wait=False, cancel_futures=True)
 
     @property
     def model_name(self) -> str:
@@ -399,7 +412,10 @@ class OpenAIServing:
             raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo).", param="max_tokens", code="invalid_value")
         # max_tokens 0 with echo scores the prompt: generate one token, show none
         score_only = max_tokens == 0
-        prompts, texts = self._tokenize_prompts(body)
+        p = body.prompt
+        has_text = isinstance(p, str) or any(isinstance(x, str) for x in p)
+        # token-id prompts need no tokenizer: they do not queue behind another request's text
+        prompts, texts = await self.off_loop(self._tokenize_prompts, body) if has_text else self._tokenize_prompts(body)
         for ids in prompts:
             if not ids:
                 raise bad_request("The prompt is empty.", param="prompt", code="invalid_value")
@@ -481,7 +497,7 @@ class OpenAIServing:
     async def create_chat_completion(self, body: ChatCompletionRequest, request: Request) -> Response:
         start = time.monotonic()
         self._check_common(body)
-        prompt_ids = self._chat_prompt(self.chat_messages(body), body)
+        prompt_ids = await self.off_loop(self._chat_prompt, self.chat_messages(body), body)
         if not prompt_ids:
             raise bad_request("The messages are empty.", param="messages")
         max_tokens = body.max_new_tokens

@@ -120,3 +120,44 @@ def test_tokenizer_less_engine_serves_token_ids_only():
                            ("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})]:
             r = httpx.post(srv.url + path, json=body)
             assert r.status_code == 400 and "tokenizer" in r.json()["error"]["message"], (path, r.text)
+
+
+def test_tokenisation_runs_off_the_event_loop(tokenizer):
+    """A prompt that takes long to tokenise (held here until released) does not stall the
+    server: /health and token-id requests are answered meanwhile; text is encoded in the
+    tokenizer thread."""
+    with ThreadServer(build_app(FakeEngine(tokenizer), ServerSettings())) as srv:
+        ctx = srv.app.state.bm
+        entered, release, threads = threading.Event(), threading.Event(), []
+
+        class Held:
+            def __init__(self, tok):
+                self.tok = tok
+
+            def __getattr__(self, name):
+                return getattr(self.tok, name)
+
+            def encode(self, text, **kw):
+                threads.append(threading.current_thread().name)
+                if text == "slow":
+                    entered.set()
+                    release.wait(30)
+                return self.tok.encode(text, **kw)
+
+        ctx.tokenizer = Held(ctx.tokenizer)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(srv.url + "/v1/completions", json={"prompt": "slow", "max_tokens": 2}, timeout=60)))
+        t.start()
+        try:
+            assert entered.wait(10)
+            assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2}, timeout=5)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+            assert "r" not in result  # still held
+        finally:
+            release.set()
+        t.join(30)
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 2
+        r = httpx.post(srv.url + "/tokenize", json={"prompt": "hello there"}, timeout=10)
+        assert r.status_code == 200 and r.json()["tokens"] == tokenizer.encode("hello there")
+        assert threads and all(name.startswith("batchmax-tokenize") for name in threads), threads
