@@ -46,6 +46,8 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", action="store_true", help="print kernel tables of 3 prefill and 3 decode steps")
     p.add_argument("--profile-at", type=int, nargs="+", default=[],
                    help="also print the kernel tables of these steps (0-based; W1's first wave ends its prompts at step 7)")
+    p.add_argument("--cprofile", action="store_true",
+                   help="cProfile the host side of the decode steps at the peak batch (their Python, not the kernels)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -80,6 +82,10 @@ def main(argv=None) -> dict:
 
     eng.runner.execute = timed_execute
     tables = {}
+    import cProfile
+    import pstats
+
+    host_prof, host_steps = cProfile.Profile(), 0
     sync()
     t0 = time.perf_counter()
     while eng.has_unfinished_requests():
@@ -94,12 +100,18 @@ def main(argv=None) -> dict:
         if len(steps) in a.profile_at:
             kind = f"step {len(steps)}"
         n_before = len(steps)
+        prof_host = a.cprofile and not kind and steps and steps[-1]["prefill_tokens"] == 0 and steps[-1]["batch"] == a.num_prompts
+        if prof_host:
+            host_prof.enable()
         ts = time.perf_counter()
         if kind:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as prof:
                 eng.step()
         else:
             eng.step()
+        if prof_host:
+            host_prof.disable()
+            host_steps += 1
         if len(steps) > n_before:  # a step that ran nothing (only reported finished requests) has no entry
             steps[-1]["step_s"] = time.perf_counter() - ts
         if kind:
@@ -134,6 +146,10 @@ def main(argv=None) -> dict:
             st = steps[int(kind.split()[1])]
             note = f" ({st['prefill_tokens']} prefill tokens, {st['decodes']} decodes, {st['last_chunks']} prompts completed)"
         print(f"\n===== {kind} kernels{note} =====\n{tabs[-1]}")
+    if host_steps:
+        print(f"\n===== host side of {host_steps} decode steps at batch {a.num_prompts} (cProfile, by own time) =====")
+        pstats.Stats(host_prof).sort_stats("tottime").print_stats(30)
+        pstats.Stats(host_prof).sort_stats("cumulative").print_stats(30)
     print(json.dumps(res))
     if a.json:
         with open(a.json, "a") as f:
