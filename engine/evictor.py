@@ -43,6 +43,13 @@ from engine.request import Request
 from policies import EvictionPolicy, ScoreContext
 
 
+def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows of ``counts[i]`` entries each, flattened: the row of every entry and its
+    index within the row, e.g. [2, 1] -> ([0, 0, 1], [0, 1, 0])."""
+    row = np.repeat(np.arange(len(counts)), counts)
+    return row, np.arange(row.size) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 @dataclass
 class _Member:
     b: int  # index in the step's batch
@@ -226,7 +233,6 @@ class Evictor:
     def _score_and_compact(self, layer: int, pol: EvictionPolicy, members: list[_Member], q: torch.Tensor, meta) -> None:
         cache, dev = self.cache, self.cache.device
         stage = cache.stager.to_device  # every index goes up staged: a list index would sync
-        B = len(members)
         lens = [meta.lens[m.b][layer] + m.n for m in members]  # held after this step's writes
         T = max(lens)
         slots = meta.slots.index_select(0, stage([m.b for m in members], torch.int64))[:, :T]  # (B, T); pad entries are valid slots of the row
@@ -253,17 +259,7 @@ class Evictor:
         # every count is known on the host, so nothing here waits for the GPU
         keep = [min(m.req.layer_budgets[layer], ln) if m.evict_layers[layer] else ln for m, ln in zip(members, lens)]
         keep_idx, _ = select_keep(result.scores, key_mask, stage(keep, torch.int64), pol.sink, pol.window, max_keep=max(keep))
-        D = keys.shape[-1]
-        gidx = keep_idx[..., None].expand(-1, -1, -1, D)
-        keep_np = np.asarray(keep, dtype=np.int64)
-        rows = np.repeat(np.arange(B), keep_np)  # (M,) member of each kept token
-        cols = np.arange(rows.size) - np.repeat(np.cumsum(keep_np) - keep_np, keep_np)  # (M,) its place in the row
-        rows, cols = stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
-        # (B, H, K[, D]) -> rows (M, H[, D]); kept tokens move to the front of each row
-        self._store(
-            layer, slots[rows, cols], keys.gather(2, gidx)[rows, :, cols], values.gather(2, gidx)[rows, :, cols],
-            key_pos.gather(2, keep_idx)[rows, :, cols], None if result.state is None else result.state.gather(2, keep_idx)[rows, :, cols],
-        )
+        self._keep_front(layer, meta, members, np.asarray(keep, dtype=np.int64), keep_idx, keys, values, key_pos, result.state)
         parking = [i for i, m in enumerate(members) if m.recall and m.evict_layers[layer]]
         if parking:
             pidx = stage(parking, torch.int64)
@@ -274,18 +270,32 @@ class Evictor:
             )
         for m, ln, kl in zip(members, lens, keep):
             if m.evict_layers[layer]:
-                nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
-                nl[layer] = kl
-                self.evicted_tokens += ln - kl
+                self._shrunk(m, layer, ln, kl)
 
-    def _store(self, layer: int, dst: torch.Tensor, k, v, pos, state) -> None:
-        """Write kept tokens into the pool: dst (M,) slots; k, v (M, H, D); pos, state (M, H)."""
+    def _shrunk(self, m: _Member, layer: int, held: int, kept: int) -> None:
+        """The layer of ``m`` goes from ``held`` tokens in the pool to ``kept`` (at finish)."""
+        nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
+        nl[layer] = kept
+        self.evicted_tokens += held - kept
+
+    def _keep_front(self, layer: int, meta, members: list[_Member], keep: np.ndarray, keep_idx: torch.Tensor,
+                    keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, state: torch.Tensor | None) -> None:
+        """Write member i's ``keep[i]`` kept tokens (``keep_idx`` (B, H, K) into keys, values
+        (B, H, T, D) and pos, state (B, H, T)) to the first ``keep[i]`` slots of its row of the
+        pool, per head: the kept tokens move to the front."""
+        stage = self.cache.stager.to_device
+        rows, cols = _ragged(keep)  # (M,) member of each kept token and its place in the row
+        b_of = np.array([m.b for m in members], dtype=np.int64)
+        dst = meta.slots[stage(torch.from_numpy(b_of[rows]), torch.int64), stage(torch.from_numpy(cols), torch.int64)]
+        rows, cols = stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
+        gidx = keep_idx[..., None].expand(-1, -1, -1, keys.shape[-1])
+        take = lambda t, ix: t.gather(2, ix)[rows, :, cols]  # noqa: E731  (B, H, K[, D]) -> (M, H[, D])
         cache = self.cache
-        cache.k[layer].index_copy_(0, dst, k)
-        cache.v[layer].index_copy_(0, dst, v)
-        cache.pos[layer].index_copy_(0, dst, pos.to(torch.int32))
+        cache.k[layer].index_copy_(0, dst, take(keys, gidx))
+        cache.v[layer].index_copy_(0, dst, take(values, gidx))
+        cache.pos[layer].index_copy_(0, dst, take(pos, keep_idx).to(torch.int32))
         if state is not None:
-            cache.state[layer].index_copy_(0, dst, state)
+            cache.state[layer].index_copy_(0, dst, take(state, keep_idx))
 
     @staticmethod
     def _dropped(keep_idx: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -330,7 +340,7 @@ class Evictor:
         budget, and its parked copy is done with."""
         cache, dev = self.cache, self.cache.device
         stage = cache.stager.to_device
-        B, H, D = len(members), cache.num_kv_heads, cache.head_dim
+        B, D = len(members), cache.head_dim
         held = np.array([meta.lens[m.b][layer] for m in members], dtype=np.int64)
         T = held if before else held + np.array([m.n for m in members], dtype=np.int64)  # pool tokens in the union
         P = np.array(staged.counts, dtype=np.int64)  # parked tokens
@@ -338,10 +348,8 @@ class Evictor:
         Um = int(U.max())
         # flat union index (member * Um + column) of every token: parked first, then the pool's,
         # as the unbatched concatenation had them (the sort below is stable)
-        p_row = np.repeat(np.arange(B), P)
-        p_col = np.arange(p_row.size) - np.repeat(np.cumsum(P) - P, P)
-        t_row = np.repeat(np.arange(B), T)
-        t_j = np.arange(t_row.size) - np.repeat(np.cumsum(T) - T, T)  # index among the member's pool tokens
+        p_row, p_col = _ragged(P)
+        t_row, t_j = _ragged(T)  # t_j: index among the member's pool tokens
         p_at = stage(torch.from_numpy(p_row * Um + p_col), torch.int64)
         t_at = stage(torch.from_numpy(t_row * Um + P[t_row] + t_j), torch.int64)
         b_of = np.array([m.b for m in members], dtype=np.int64)
@@ -373,22 +381,12 @@ class Evictor:
         budgets = held if before else np.array([m.req.layer_budgets[layer] for m in members], dtype=np.int64)
         keep = np.minimum(budgets, U)  # known on the host: no device sync
         keep_idx, _ = select_keep(result.scores, key_mask, stage(torch.from_numpy(keep), torch.int64), pol.sink, pol.window, max_keep=int(keep.max()))
-        rows = np.repeat(np.arange(B), keep)
-        cols = np.arange(rows.size) - np.repeat(np.cumsum(keep) - keep, keep)
-        dst = meta.slots[stage(torch.from_numpy(b_of[rows]), torch.int64), stage(torch.from_numpy(cols), torch.int64)]
-        rows, cols = stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
-        gidx = keep_idx[..., None].expand(-1, -1, -1, D)
-        self._store(
-            layer, dst, keys.gather(2, gidx)[rows, :, cols], values.gather(2, gidx)[rows, :, cols],
-            pos.gather(2, keep_idx)[rows, :, cols], None if result.state is None else result.state.gather(2, keep_idx)[rows, :, cols],
-        )
+        self._keep_front(layer, meta, members, keep, keep_idx, keys, values, pos, result.state)
         if before:
             self._park(layer, members, (U - keep).tolist(), keep_idx, key_mask, keys, values, pos, result.state, replace=True)
             return
         for m, t, k in zip(members, T.tolist(), keep.tolist()):
-            nl = self.new_lens.setdefault(m.req.request_id, [None] * self.num_layers)
-            nl[layer] = k
-            self.evicted_tokens += t - k  # GPU-side accounting: parked tokens were counted when parked
+            self._shrunk(m, layer, t, k)  # GPU-side accounting: parked tokens were counted when parked
 
     def _queries(self, pol: EvictionPolicy, members: list[_Member], layer: int, q: torch.Tensor, meta):
         dev = q.device
