@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench import append_jsonl  # noqa: E402
 from bench.models import LLAMA3_8B, shape_only_model  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 
@@ -120,9 +121,7 @@ def main(argv=None) -> dict:
         f"peak running batch {result['peak_running_batch']}, peak memory {result['peak_memory_gb']:.1f} GB"
     )
     print(json.dumps(result))
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    append_jsonl(a.json, result)
     return result
 
 

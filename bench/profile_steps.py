@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench import append_jsonl  # noqa: E402
 from bench.models import LLAMA3_8B, shape_only_model  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 
@@ -151,9 +152,7 @@ def main(argv=None) -> dict:
         pstats.Stats(host_prof).sort_stats("tottime").print_stats(30)
         pstats.Stats(host_prof).sort_stats("cumulative").print_stats(30)
     print(json.dumps(res))
-    if a.json:
-        with open(a.json, "a") as f:
-            f.write(json.dumps(res) + "\n")
+    append_jsonl(a.json, res)
     return res
 
 

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench import append_jsonl  # noqa: E402
 from bench.models import LLAMA3_8B, shape_only_model  # noqa: E402
 
 WORKLOADS = {"W1": (128, 4096, 256), "W2": (96, 16384, 512)}
@@ -286,10 +287,7 @@ def main(argv=None):
         r.update(workload=a.workload, device=torch.cuda.get_device_name(), torch=torch.__version__,
                  matmul_tflops=flops / 1e12, copy_tbs=bw / 1e12, date=time.strftime("%Y-%m-%d"))
     print(f"\n{a.workload}: {n} x {prompt} -> {out} (peers on the first {a.peer_prompts} prompts)\n" + table(rows))
-    if a.json:
-        with open(a.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    append_jsonl(a.json, *rows)
     if a.plot:
         plot(a.json, a.plot)
 
