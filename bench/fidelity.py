@@ -65,12 +65,12 @@ def run(model, tasks, policies, fractions, chunk=128, recall=(True, False), reca
     done = {}
     if checkpoint:
         os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
-    if checkpoint and os.path.exists(checkpoint):
-        with open(checkpoint) as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec["fingerprint"] == fingerprint:
-                    done[tuple(rec["key"])] = rec["texts"]
+        if os.path.exists(checkpoint):
+            with open(checkpoint) as f:
+                for line in f:
+                    rec = json.loads(line)
+                    if rec["fingerprint"] == fingerprint:
+                        done[tuple(rec["key"])] = rec["texts"]
     t0 = time.time()
     # one generate call per configuration: on the CPU one batch of every configuration ran at
     # ~12 requests/min (hundreds running at once; the reference attention and the evictor loop

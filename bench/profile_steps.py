@@ -11,8 +11,10 @@ Writes ``--json`` (one line) and prints the kernel tables when ``--profile`` is 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import random
 import statistics
 import sys
@@ -83,9 +85,6 @@ def main(argv=None) -> dict:
 
     eng.runner.execute = timed_execute
     tables = {}
-    import cProfile
-    import pstats
-
     host_prof, host_steps = cProfile.Profile(), 0
     sync()
     t0 = time.perf_counter()

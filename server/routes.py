@@ -2,7 +2,6 @@
 error is OpenAI-shaped with status 400, where FastAPI's automatic validation would say 422."""
 from __future__ import annotations
 
-import functools
 import secrets
 
 from fastapi import APIRouter, Depends, Request
@@ -136,7 +135,7 @@ async def tokenize(request: Request) -> Response:
         tokens = await serving.off_loop(serving._chat_prompt, serving.chat_messages(body), body)
     else:
         tok = serving.tokenizer("prompt")
-        tokens = await serving.off_loop(functools.partial(tok.encode, add_special_tokens=body.add_special_tokens), body.prompt)
+        tokens = await serving.off_loop(tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
     return JSONResponse({"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens})
 
 

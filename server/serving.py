@@ -246,9 +246,9 @@ class OpenAIServing:
         # One thread: the server's tokenizer copy is not shared with another thread.
         self._tok_thread = ThreadPoolExecutor(1, thread_name_prefix="batchmax-tokenize")
 
-    async def off_loop(self, fn: Callable, *args) -> Any:
-        """``fn(*args)`` in the tokenizer thread (its exceptions, 400s included, propagate)."""
-        return await asyncio.get_running_loop().run_in_executor(self._tok_thread, functools.partial(fn, *args))
+    async def off_loop(self, fn: Callable, *args, **kwargs) -> Any:
+        """``fn(*args, **kwargs)`` in the tokenizer thread (its exceptions, 400s included, propagate)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tok_thread, functools.partial(fn, *args, **kwargs))
 
     def close(self) -> None:
         self._tok_thread.shutdown(wait=False, cancel_futures=True)
