@@ -3,8 +3,9 @@
     python bench/gpu_check.py
 
 Greedy tokens of a tiny random Llama (GQA) must match between devices for every policy,
-with and without recall, chunked, and the fused path with CUDA graphs must match it without;
-prints a table and exits non-zero on a mismatch.
+with and without recall, chunked; the fused path with CUDA graphs must match it without, and
+async scheduling (inputs read from the previous step's sampled ids on the device) must match
+the synchronous engine; prints a table and exits non-zero on a mismatch.
 """
 from __future__ import annotations
 
@@ -29,20 +30,23 @@ def main() -> int:
     for policy in ["full", "snapkv", "h2o", "tova", "pyramid", "knorm"]:
         for recall in ([False] if policy == "full" else [False, True]):
             outs = {}
-            for dev, backend, graphs in (("cpu", "torch", False), ("cuda", "torch", False), ("cuda", "triton", False), ("cuda", "triton", True)):
+            variants = (("cpu", "torch", False, False), ("cuda", "torch", False, False), ("cuda", "triton", False, False),
+                        ("cuda", "triton", True, False), ("cuda", "triton", True, True))
+            for dev, backend, graphs, async_ in variants:
                 llm = LLM(str(path), device=dev, dtype="float32", skip_tokenizer_init=True, chunk_size=64, num_tokens=8192,
                           kv_policy=policy, kv_budget=None if policy == "full" else 96, kv_recall=recall, host_kv_tokens=4096,
-                          attention_backend=backend, cuda_graphs=graphs)
+                          attention_backend=backend, cuda_graphs=graphs, async_scheduling=async_)
                 res = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-                outs[dev, backend, graphs] = [o.token_ids for o in res]
+                outs[dev, backend, graphs, async_] = [o.token_ids for o in res]
                 assert llm.engine.cache.usage == 0.0
             agree = lambda a, b: sum(x == y for x, y in zip(outs[a], outs[b]))  # noqa: E731
-            same = agree(("cpu", "torch", False), ("cuda", "torch", False))
-            fused = agree(("cpu", "torch", False), ("cuda", "triton", False))
-            graphed = agree(("cuda", "triton", False), ("cuda", "triton", True))
-            bad += same != len(prompts) or graphed != len(prompts)
+            same = agree(("cpu", "torch", False, False), ("cuda", "torch", False, False))
+            fused = agree(("cpu", "torch", False, False), ("cuda", "triton", False, False))
+            graphed = agree(("cuda", "triton", False, False), ("cuda", "triton", True, False))
+            asynced = agree(("cuda", "triton", True, False), ("cuda", "triton", True, True))
+            bad += same != len(prompts) or graphed != len(prompts) or asynced != len(prompts)
             print(f"{policy:8s} recall={recall!s:5s} cpu==cuda(torch) {same}/{len(prompts)}  cpu==cuda(triton) {fused}/{len(prompts)}"
-                  f"  cuda(triton)==cuda(triton+graphs) {graphed}/{len(prompts)}", flush=True)
+                  f"  cuda(triton)==cuda(triton+graphs) {graphed}/{len(prompts)}  sync==async {asynced}/{len(prompts)}", flush=True)
     return 1 if bad else 0
 
 

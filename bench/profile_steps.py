@@ -1,7 +1,8 @@
 """Where a workload's time goes, step by step: wall time of every engine step split into
-prefill-carrying and decode-only steps, the model's share of it (the rest is scheduling,
-metadata and sampling on the host), and a torch-profiler table of the CUDA kernels of a few
-steady-state steps of each kind.
+prefill-carrying and decode-only steps, the device span of its forward (CUDA events, so the
+measurement adds no sync: with async scheduling a step's host work overlaps the previous
+step's forward, and the step time approaches the forward's), and a torch-profiler table of
+the CUDA kernels of a few steady-state steps of each kind.
 
     python bench/profile_steps.py --num-prompts 128 --prompt-len 4096 --output-len 256 --kv-policy snapkv --kv-budget 512
     python bench/profile_steps.py --num-prompts 256 --prompt-len 767 --output-len 16   # decode B=256 x 768
@@ -46,6 +47,8 @@ def main(argv=None) -> dict:
     p.add_argument("--fused-ops", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton RMSNorm/RoPE/SiLU kernels (default: with the Triton attention)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch step n+1 before reading step n's tokens (default: on with CUDA)")
     p.add_argument("--profile", action="store_true", help="print kernel tables of 3 prefill and 3 decode steps")
     p.add_argument("--profile-at", type=int, nargs="+", default=[],
                    help="also print the kernel tables of these steps (0-based; W1's first wave ends its prompts at step 7)")
@@ -58,7 +61,8 @@ def main(argv=None) -> dict:
     llm = LLM(shape_only_model(LLAMA3_8B) if dummy else a.model, load_format="dummy" if dummy else "auto",
               skip_tokenizer_init=True, device=a.device, chunk_size=a.chunk,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=a.kv_policy,
-              kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, cuda_graphs=a.cuda_graphs, fused_ops=a.fused_ops)
+              kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, cuda_graphs=a.cuda_graphs, fused_ops=a.fused_ops,
+              async_scheduling=a.async_scheduling)
     eng = llm.engine
     vocab = eng.runner.spec.vocab_size
     rng = random.Random(0)
@@ -73,11 +77,20 @@ def main(argv=None) -> dict:
     steps: list[dict] = []
 
     def timed_execute(cache, requests, num_new, *args, **kwargs):
-        sync()
+        # device events, not syncs: a sync here would undo async scheduling's overlap. The
+        # span runs from when the stream reaches the step's first command to its forward's end
+        # (with the GPU idle before the step, the host's metadata work is inside it).
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         t = time.perf_counter()
         out = execute(cache, requests, num_new, *args, **kwargs)
-        sync()
-        steps.append(dict(model_s=time.perf_counter() - t, decodes=sum(n == 1 for n in num_new),
+        span = None
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            span = (start, end)
+        steps.append(dict(model_s=time.perf_counter() - t, span=span, decodes=sum(n == 1 for n in num_new),
                           prefill_tokens=sum(n for n in num_new if n > 1), batch=len(num_new),
                           # prompts this step completes (recall re-selects at these)
                           last_chunks=sum(n > 1 and r.num_computed_tokens + n == r.num_prompt_tokens for r, n in zip(requests, num_new))))
@@ -121,6 +134,10 @@ def main(argv=None) -> dict:
             t0 += time.perf_counter() - tb
     sync()
     elapsed = time.perf_counter() - t0
+    for st in steps:
+        span = st.pop("span")
+        if span is not None:
+            st["model_s"] = span[0].elapsed_time(span[1]) / 1e3
 
     def summary(sel):
         if not sel:
@@ -137,6 +154,7 @@ def main(argv=None) -> dict:
     total = a.num_prompts * (a.prompt_len + a.output_len)
     res = dict(device=torch.cuda.get_device_name() if cuda else "cpu", num_prompts=a.num_prompts, prompt_len=a.prompt_len, output_len=a.output_len,
                chunk=a.chunk, kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, fused_ops=eng.runner.fused_ops, cuda_graphs=a.cuda_graphs,
+               async_scheduling=eng.async_scheduling,
                elapsed_s=round(elapsed, 2), total_tok_s=round(total / elapsed), prefill=summary(pre), prefill_completing_prompts=summary(last),
                prefill_other=summary([s for s in pre if not s["last_chunks"]]), decode=summary(dec),
                decode_at_peak_batch=summary(full_dec), peak_running_batch=eng.stats().peak_running_batch_size)

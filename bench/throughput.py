@@ -96,7 +96,7 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
     llm = LLM(shape_only_model(LLAMA3_8B), load_format="dummy", skip_tokenizer_init=True, chunk_size=a.chunk,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=cfg["policy"],
               kv_budget=cfg["budget"], kv_recall=cfg["recall"], host_kv_tokens=a.host_kv_tokens if cfg["recall"] else None,
-              max_model_len=len(prompts[0]) + out_len + a.chunk, fused_ops=a.fused_ops)
+              max_model_len=len(prompts[0]) + out_len + a.chunk, fused_ops=a.fused_ops, async_scheduling=a.async_scheduling)
     # warm-up on the workload's own shapes: full chunks for a step's worth of requests, so
     # eviction, parking and recall run and every Triton kernel variant the run needs is
     # compiled before the clock starts (a 64-token warm-up left that to the first timed
@@ -118,7 +118,7 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
     res = dict(system="batchmax", config=cfg["name"], prompts=len(prompts), elapsed_s=elapsed, out_tokens=len(prompts) * out_len,
                peak_batch=st.peak_running_batch_size, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                recall_fallbacks=st.num_recall_fallbacks_total - fallbacks0, kv_pool_tokens=eng.cache.capacity_tokens,
-               budget=cfg["budget"], recall=cfg["recall"], fused_ops=eng.runner.fused_ops,
+               budget=cfg["budget"], recall=cfg["recall"], fused_ops=eng.runner.fused_ops, async_scheduling=eng.async_scheduling,
                alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0)
     del llm, eng, outs
     gc.collect()
@@ -240,6 +240,8 @@ def main(argv=None):
                    help="discarded pass of the first configuration on this many prompts before the timed runs (default: all for W1, none for W2)")
     p.add_argument("--fused-ops", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton RMSNorm/RoPE/SiLU kernels (default: with the Triton attention)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch step n+1 before reading step n's tokens (default: on with CUDA)")
     p.add_argument("--host-kv-tokens", type=int, default=131072, help="recall's host store, tokens per layer (W1 needs ~17 requests x 3,584 parked at once: 65,536 let a few fall back)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--json", default=None)

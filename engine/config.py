@@ -67,6 +67,12 @@ class SchedulerConfig:
     outgrows the pool preempts the newest running one (recomputed later)."""
     max_model_len: int | None = None
     """Context length (prompt + output). ``None``: the model's ``max_position_embeddings``."""
+    async_scheduling: bool | None = None
+    """Launch step n+1 before reading step n's sampled tokens back: the host schedules,
+    builds metadata and processes outputs while the GPU runs, and the next step takes its
+    input tokens from the device. Outputs are then reported one step later, and a request that
+    hits a stop condition has run one extra (discarded) step. ``None``: on with CUDA, off on
+    the CPU (where the host runs the model itself, so there is nothing to overlap)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_size"):

@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.default_model import DEFAULT_MODEL_NAME, resolve_model
 from engine.detokenizer import Detokenizer
 from engine.faults import StepError
+from engine.inflight import StepInFlight, to_host
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.request import FinishReason, Request, RequestStatus, TokenLogprob
@@ -48,7 +49,11 @@ class LLMEngine:
         self.scheduler = Scheduler(sc, self.cache, config.eviction.evict_decode_every)
         if config.eviction.kv_recall or config.cache.host_kv_tokens:
             self._ensure_host_store()  # up front: pinning gigabytes mid-serving would stall
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.cache.stager.to_device)
+        asc = sc.async_scheduling
+        self.async_scheduling = self.runner.device.type == "cuda" if asc is None else asc
+        self._inflight: StepInFlight | None = None  # launched, tokens not read yet (async scheduling)
+        self._touched_unreported: list[Request] = []  # got tokens in a step processed as the next one failed
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, Detokenizer] = {}
@@ -152,7 +157,10 @@ class LLMEngine:
         self._finish(req, FinishReason.ABORT)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._finished_unreported)
+        return (
+            self.scheduler.has_unfinished() or bool(self._finished_unreported)
+            or self._inflight is not None or bool(self._touched_unreported)
+        )
 
     def _finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         req.finish(reason, stop_reason)
@@ -163,98 +171,135 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step, then report the step whose tokens are now known:
+        this one, or with async scheduling the one launched before it (whose device work ran
+        while this one was being scheduled and launched)."""
         sched = self.scheduler.schedule()
-        touched: list[Request] = []
+        launched: StepInFlight | None = None
+        failed: list[str] = []
+        cause: BaseException | None = None
         if sched.requests:
             # A failure here breaks the requests of this step only: name them (faults.py).
             try:
                 self.config.faults.check_step(sched.requests)  # testing only; no-op unless configured
-                touched = self._run(sched.requests, sched.num_new_tokens)
+                launched = self._launch(sched.requests, sched.num_new_tokens)
             except Exception as exc:
-                raise StepError([r.request_id for r in sched.requests], exc) from exc
+                failed, cause = [r.request_id for r in sched.requests], exc
+        if self.async_scheduling:
+            done, self._inflight = self._inflight, launched
+        else:
+            done = launched
+        touched, self._touched_unreported = self._touched_unreported, []
+        if done is not None:
+            try:
+                touched += self._process(done)
+            except Exception as exc:  # its tokens never arrived: its requests are broken
+                failed += [r.request_id for r in done.requests if r.request_id not in failed]
+                cause = cause or exc
+        if cause is not None:
+            # what the finished step gave is reported by the next step
+            self._touched_unreported = touched
+            raise StepError(failed, cause) from cause
         st = self._stats
         st.num_steps_total += bool(sched.requests)
         st.running_batch_size = len(sched.requests)
         st.peak_running_batch_size = max(st.peak_running_batch_size, len(self.scheduler.running))
         st.last_step_tokens = sched.num_tokens
-        reported = {r.request_id for r in touched}
-        outs = [self._output(r) for r in touched]
-        for r in self._finished_unreported:
-            if r.request_id not in reported:
-                outs.append(self._output(r))
+        outs: dict[str, RequestOutput] = {}
+        for r in touched + self._finished_unreported:
+            if r.request_id not in outs:
+                outs[r.request_id] = self._output(r)
         for r in self._finished_unreported:
             self.requests.pop(r.request_id, None)
             self.detok.pop(r.request_id, None)
             self.windows.pop(r.request_id, None)
         self._finished_unreported = []
-        return outs
+        return list(outs.values())
 
-    def _run(self, reqs: list[Request], num_new: list[int]) -> list[Request]:
+    @torch.inference_mode()
+    def _launch(self, reqs: list[Request], num_new: list[int]) -> StepInFlight:
+        """Queue the step's forward, sampling and copies to the host; read nothing back."""
         now = time.monotonic()
-        rows: list[int] = []  # packed-token index of each logit row
-        row_owner: list[tuple[Request, str, int]] = []  # (request, "sample" | "prompt", prompt index)
+        rows: list[int] = []  # packed-token index of each logit row: sampled rows, then prompt rows
+        prompt_at: list[int] = []
+        step = StepInFlight(requests=list(reqs))
         offset = 0
         for req, n in zip(reqs, num_new):
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             if req.num_computed_tokens == 0 and req.num_preemptions == 0:
                 self._stats.prompt_tokens_total += req.num_prompt_tokens
-            want = req.params.prompt_logprobs
-            if want is not None and len(req.prompt_logprobs) < req.num_prompt_tokens:
-                # logits at token i predict token i + 1 of the prompt
+            if req.params.prompt_logprobs is not None:
+                # logits at token i predict prompt token i + 1; a recomputed prompt (after a
+                # preemption) asks only for the rows it has not reported yet
+                have = max(1, len(req.prompt_logprobs))
                 for j in range(n):
-                    p = req.num_computed_tokens + j
-                    if p + 1 < req.num_prompt_tokens:
-                        rows.append(offset + j)
-                        row_owner.append((req, "prompt", p + 1))
+                    p = req.num_computed_tokens + j + 1
+                    if have <= p < req.num_prompt_tokens:
+                        prompt_at.append(offset + j)
+                        step.prompt_rows.append((req, p))
             if req.num_computed_tokens + n == req.num_tokens:
                 rows.append(offset + n - 1)
-                row_owner.append((req, "sample", 0))
+                step.sampled.append(req)
             offset += n
-        logits, evicted = self.runner.execute(self.cache, reqs, num_new, rows, self.windows, self.scheduler.host)
-        now = time.monotonic()  # tokens of this step exist from here on
+        logits, evicted = self.runner.execute(
+            self.cache, reqs, num_new, rows + prompt_at, self.windows, self.scheduler.host, self._inflight
+        )
         self._stats.kv_tokens_evicted_total += evicted
         for req, n in zip(reqs, num_new):
             req.num_computed_tokens += n
             self._stats.kv_tokens_seen_total += n * self.runner.spec.num_layers
 
-        sample_idx = [i for i, (_, kind, _) in enumerate(row_owner) if kind == "sample"]
-        sample_reqs = [row_owner[i][0] for i in sample_idx]
+        sampled = step.sampled
+        if sampled:
+            lg = logits[: len(sampled)]  # the sampler may edit these rows in place
+            suppress = [self._suppressed(r) for r in sampled]  # before this step's token is pending
+            tokens = self.sampler(lg, [r.params for r in sampled], [r.generator for r in sampled], suppress)
+            step.tokens, step.host_tokens = tokens, to_host(tokens)
+            step.row_of = {r.request_id: i for i, r in enumerate(sampled)}
+            want = [r.params.logprobs for r in sampled if r.params.logprobs is not None]
+            if want:
+                step.logprobs = tuple(to_host(t) for t in Sampler.logprobs(lg, tokens, max(want)))
+            for r in sampled:
+                r.num_pending_tokens += 1
+        if step.prompt_rows:
+            targets = self.cache.stager.to_device([r.prompt_token_ids[p] for r, p in step.prompt_rows], torch.int64)
+            top = max(r.params.prompt_logprobs or 0 for r, _ in step.prompt_rows)
+            step.prompt_logprobs = tuple(to_host(t) for t in Sampler.logprobs(logits[len(sampled) :], targets, top))
+        step.record(self.runner.device)
+        return step
+
+    def _process(self, step: StepInFlight) -> list[Request]:
+        """Wait for a launched step's tokens and apply them; returns the requests that got one.
+        A request that finished (stop condition, abort) after the step was launched has its
+        token from it discarded."""
+        step.wait()
+        now = time.monotonic()  # tokens of this step are known from here on
         touched: list[Request] = []
-        if sample_idx:
-            # a copy the sampler may edit in place; the index is staged (a list index would sync)
-            lg = logits.index_select(0, self.cache.stager.to_device(sample_idx, torch.int64))
-            suppress = [self._suppressed(r) for r in sample_reqs]
-            tokens = self.sampler(lg, [r.params for r in sample_reqs], [r.generator for r in sample_reqs], suppress)
-            want_lp = [r.params.logprobs for r in sample_reqs]
-            if any(w is not None for w in want_lp):
-                top = max(w or 0 for w in want_lp)
-                chosen, top_ids, top_vals = Sampler.logprobs(lg, tokens, top)
-            token_list = tokens.tolist()
-            for i, (req, tok) in enumerate(zip(sample_reqs, token_list)):
-                if req.params.logprobs is not None:
-                    k = req.params.logprobs
+        if step.sampled:
+            toks = step.host_tokens.tolist()
+            chosen, top_ids, top_vals = step.logprobs or (None, None, None)
+            for i, (req, tok) in enumerate(zip(step.sampled, toks)):
+                req.num_pending_tokens -= 1
+                if req.is_finished:
+                    continue
+                k = req.params.logprobs
+                if k is not None:
                     alts = list(zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist())) if k else []
                     req.logprobs.append(TokenLogprob(tok, float(chosen[i]), alts))
                 self._append_token(req, tok, now)
                 touched.append(req)
-        self._fill_prompt_logprobs(logits, row_owner)
+        if step.prompt_rows:
+            chosen, top_ids, top_vals = step.prompt_logprobs
+            for j, (req, p) in enumerate(step.prompt_rows):
+                if not req.prompt_logprobs:
+                    req.prompt_logprobs.append(None)  # the first prompt token has no logprob
+                if req.is_finished or p != len(req.prompt_logprobs):
+                    continue  # aborted, or a row this request already has (recomputed prompt)
+                k = req.params.prompt_logprobs or 0
+                alts = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist())) if k else []
+                req.prompt_logprobs.append(TokenLogprob(req.prompt_token_ids[p], float(chosen[j]), alts))
         return touched
-
-    def _fill_prompt_logprobs(self, logits: torch.Tensor, row_owner: list[tuple[Request, str, int]]) -> None:
-        idx = [i for i, (_, kind, _) in enumerate(row_owner) if kind == "prompt"]
-        if not idx:
-            return
-        owners = [row_owner[i] for i in idx]
-        targets = torch.tensor([r.prompt_token_ids[p] for r, _, p in owners], device=logits.device)
-        top = max(r.params.prompt_logprobs or 0 for r, _, _ in owners)
-        chosen, top_ids, top_vals = Sampler.logprobs(logits[idx], targets, top)
-        for j, (req, _, p) in enumerate(owners):
-            if not req.prompt_logprobs:
-                req.prompt_logprobs.append(None)  # the first prompt token has no logprob
-            k = req.params.prompt_logprobs or 0
-            alts = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist())) if k else []
-            req.prompt_logprobs.append(TokenLogprob(req.prompt_token_ids[p], float(chosen[j]), alts))
 
     def _suppressed(self, req: Request) -> list[int]:
         if req.num_output_tokens >= req.params.min_tokens:
@@ -271,7 +316,9 @@ class LLMEngine:
             req.first_token_time = now
         self._stats.generation_tokens_total += 1
         detok = self.detok.get(req.request_id)
-        past_min = req.num_output_tokens >= p.min_tokens
+        # counts of known tokens: with async scheduling the next one may already be pending
+        generated = len(req.output_token_ids)
+        past_min = generated >= p.min_tokens
         stop_str = detok.add(tok, check_stop=past_min) if detok else None
         if stop_str is not None:
             self._finish(req, FinishReason.STOP, stop_str)
@@ -279,7 +326,7 @@ class LLMEngine:
             self._finish(req, FinishReason.STOP, None)
         elif tok in p.stop_token_ids and past_min:
             self._finish(req, FinishReason.STOP, tok)
-        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+        elif generated >= p.max_tokens or req.num_prompt_tokens + generated >= self.max_model_len:
             self._finish(req, FinishReason.LENGTH)
         if detok and req.is_finished and stop_str is None:
             detok.flush()

@@ -16,6 +16,7 @@ from engine.triton_attention import HAS_TRITON
 from engine.models.llama import DecoderModel, ModelSpec, load_weights_source, rope_inv_freq
 from engine.evictor import Evictor, QueryWindow
 from engine.host_store import HostKVStore
+from engine.inflight import StepInFlight
 from engine.request import Request
 
 log = logging.getLogger("batchmax")
@@ -137,18 +138,35 @@ class ModelRunner:
         logit_rows: list[int],
         windows: dict[str, QueryWindow] | None = None,
         host: HostKVStore | None = None,
+        prev: StepInFlight | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Run the step; returns float32 logits (len(logit_rows), V) for the packed-token
         indices ``logit_rows`` and the number of tokens evicted (summed over layers). The
         pool's held lengths advance by ``num_new``, then drop where layers evicted.
-        ``windows`` holds the requests' observation windows across steps."""
+        ``windows`` holds the requests' observation windows across steps. ``prev``: the step
+        still in flight (async scheduling), whose sampled ids are inputs of this one where
+        the host does not know them yet."""
         ids: list[int] = []
         pos: list[int] = []
+        fill_at: list[int] = []  # packed index of each input the previous step is still sampling
+        fill_from: list[int] = []  # ... and its row of prev.tokens
         for req, n in zip(requests, num_new):
             start = req.num_computed_tokens
-            ids.extend(req.token_ids(start, n))
+            known = req.token_ids(start, n)
+            ids.extend(known)
+            if len(known) < n:
+                # only a request's newest token can be unknown (one step in flight at most)
+                if prev is None or len(known) != n - 1:
+                    raise RuntimeError(f"request {req.request_id}: {n - len(known)} of its input tokens are unknown")
+                fill_at.append(len(ids))
+                fill_from.append(prev.input_fill(req))
+                ids.append(0)
             pos.extend(range(start, start + n))
         input_ids = cache.stager.to_device(ids, torch.int64)
+        if fill_at:
+            # on the device, ordered after the previous step's sampling: no wait on the host
+            src = prev.tokens.index_select(0, cache.stager.to_device(fill_from, torch.int64))
+            input_ids.index_copy_(0, cache.stager.to_device(fill_at, torch.int64), src)
         positions = cache.stager.to_device(pos, torch.int64)
         meta = StepMetadata.build(cache, [r.request_id for r in requests], num_new, positions)
         evictor = None

@@ -41,7 +41,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
-    """Tokens of ``all_token_ids`` that the model has already read (their K/V were computed,
+    """Tokens of prompt + output that the model has already read (their K/V were computed,
     whether or not eviction kept them). Catches up with ``num_tokens`` chunk by chunk."""
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
@@ -58,16 +58,19 @@ class Request:
     """Tokens kept per layer and KV head; ``None`` for the full cache."""
     recall: bool = False
     """Park evicted prefill K/V in host memory and re-select at the last chunk."""
+    num_pending_tokens: int = 0
+    """Tokens sampled on the device whose ids the host has not read back yet (async
+    scheduling: the next step is launched before this one's tokens are known). They count as
+    generated (``num_output_tokens``, ``num_tokens``) but are not in ``output_token_ids``;
+    the step that computes one reads it from the device."""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     def token_ids(self, start: int, n: int) -> list[int]:
-        """``all_token_ids[start:start + n]`` without building the whole list (hot in every step)."""
+        """Known token ids ``start .. start + n - 1`` of prompt + output, without building
+        the whole list (hot in every step). Shorter than ``n`` where the range reaches
+        pending tokens, whose ids are still on the device."""
         p = len(self.prompt_token_ids)
         if start >= p:
             return self.output_token_ids[start - p : start - p + n]
@@ -81,11 +84,13 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        """Tokens generated so far, pending ones included."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt plus generated tokens, pending ones included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -6,6 +6,7 @@ tokens whatever else is in the batch. Greedy rows are batched through one ``argm
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,11 @@ class SamplingParams:
 class Sampler:
     """Picks the next token of each request from its last-position logits."""
 
+    def __init__(self, to_device: Callable[[list[int], torch.dtype], torch.Tensor] | None = None) -> None:
+        """``to_device(list, dtype)`` moves small index lists to the logits' device without
+        stalling it (the engine passes its ``PinnedStager``); default: ``torch.tensor``."""
+        self.to_device = to_device
+
     def __call__(
         self,
         logits: torch.Tensor,  # (B, V) float32
@@ -81,9 +87,12 @@ class Sampler:
     ) -> torch.Tensor:  # (B,) int64 on the logits' device
         """``suppress[i]`` lists token ids row i may not produce (EOS before min_tokens)."""
         logits = logits.float()
-        for i, ids in enumerate(suppress):
-            if ids:
-                logits[i, ids] = float("-inf")
+        rows = [i for i, ids in enumerate(suppress) for _ in ids]
+        if rows:
+            cols = [t for ids in suppress for t in ids]
+            stage = self.to_device or (lambda data, dtype: torch.tensor(data, dtype=dtype, device=logits.device))
+            # one scatter; a Python-list index would copy from pageable memory and stall the GPU
+            logits.index_put_((stage(rows, torch.int64), stage(cols, torch.int64)), logits.new_full((), float("-inf")))
         out = logits.argmax(dim=-1)
         for i, p in enumerate(params):
             if p.greedy:

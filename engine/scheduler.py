@@ -109,6 +109,9 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------------
 
     def _chunk(self, req: Request, budget: int) -> int:
+        if req.num_output_tokens >= req.params.max_tokens:
+            # its last token is still being sampled (async scheduling): nothing left to compute
+            return 0
         return min(req.num_tokens - req.num_computed_tokens, self.config.chunk_size, budget)
 
     def schedule(self) -> SchedulerOutput:

@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="Triton kernels for RMSNorm+residual, RoPE, SiLU x up (default: with the Triton attention backend)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="replay decode steps from CUDA graphs (CUDA + fused kernels)")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured in a graph")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch the next step before reading this one's tokens back, overlapping host work with the GPU "
+                        "(default: on with CUDA)")
     p.add_argument("--decode-reserve-tokens", type=int, default=None,
                    help="decode tokens reserved per request at admission (default: all max_tokens, never preempts); "
                         "fewer admits more and preempts (recompute) when the pool runs out")
@@ -60,6 +63,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         fused_ops=args.fused_ops,
         cuda_graphs=args.cuda_graphs,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
+        async_scheduling=args.async_scheduling,
         seed=args.seed,
         decode_reserve_tokens=args.decode_reserve_tokens,
         debug_fail_step_token=args.debug_fail_step_token,
