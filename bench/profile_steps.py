@@ -157,7 +157,12 @@ def main(argv=None) -> dict:
                async_scheduling=eng.async_scheduling,
                elapsed_s=round(elapsed, 2), total_tok_s=round(total / elapsed), prefill=summary(pre), prefill_completing_prompts=summary(last),
                prefill_other=summary([s for s in pre if not s["last_chunks"]]), decode=summary(dec),
-               decode_at_peak_batch=summary(full_dec), peak_running_batch=eng.stats().peak_running_batch_size)
+               decode_at_peak_batch=summary(full_dec), peak_running_batch=eng.stats().peak_running_batch_size,
+               # where a sum and its median disagree, these are why
+               slowest_steps=[dict(step=i, step_ms=round(1e3 * s["step_s"], 1), model_ms=round(1e3 * s["model_s"], 1), batch=s["batch"],
+                                   prefill_tokens=s["prefill_tokens"])
+                              for i, s in sorted(enumerate(steps), key=lambda x: -x[1].get("step_s", 0))[:5]],
+               alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0)
     for kind, tabs in tables.items():
         note = ""
         if kind.startswith("step "):

@@ -16,7 +16,7 @@ from engine.faults import StepError
 from engine.inflight import StepInFlight, to_host
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
-from engine.request import FinishReason, Request, RequestStatus, TokenLogprob
+from engine.request import FinishReason, Request, TokenLogprob
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Scheduler
 from engine.stats import EngineStats
