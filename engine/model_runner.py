@@ -125,15 +125,6 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, cache, min(cfg.cuda_graph_max_batch, cfg.scheduler.max_num_seqs), max_blocks)
         with torch.inference_mode():
             self.graphs.capture_all()
-            # The LM head runs outside the graphs, on as many rows as the step samples. Its
-            # first product at a new row count may make cuBLAS load a kernel module, which
-            # waits for the device: with async scheduling that stalls the pipeline (seen on
-            # the H200 as two ~1 s steps early in a run). Load them now: every row count up
-            # to the largest graph batch (~0.1 ms each).
-            hidden = torch.zeros(self.graphs.buckets[-1], self.spec.hidden_size, dtype=self.dtype, device=self.device)
-            for n in range(1, len(hidden) + 1):
-                self.model.compute_logits(hidden[:n])
-            torch.cuda.synchronize(self.device)
         log.info("CUDA graphs captured for decode batches %s", self.graphs.buckets)
 
     # ---- one step ---------------------------------------------------------------------------
