@@ -52,8 +52,12 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", action="store_true", help="print kernel tables of 3 prefill and 3 decode steps")
     p.add_argument("--profile-at", type=int, nargs="+", default=[],
                    help="also print the kernel tables of these steps (0-based; W1's first wave ends its prompts at step 7)")
+    p.add_argument("--cprofile-at", type=int, nargs="+", default=[],
+                   help="cProfile the host side of these steps (0-based), e.g. the slowest steps a run reported")
     p.add_argument("--cprofile", action="store_true",
                    help="cProfile the host side of the decode steps at the peak batch (their Python, not the kernels)")
+    p.add_argument("--log-compiles", action="store_true",
+                   help="report every Triton compile after the warm-up: the step, kernel, constexprs and seconds")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -97,8 +101,23 @@ def main(argv=None) -> dict:
         return out
 
     eng.runner.execute = timed_execute
+    compiles: list[dict] = []
+    if a.log_compiles:
+        from triton.runtime.jit import JITFunction
+
+        orig_compile = JITFunction._do_compile
+
+        def logged_compile(self, key, signature, device, constexprs, *args, **kwargs):
+            t = time.perf_counter()
+            out = orig_compile(self, key, signature, device, constexprs, *args, **kwargs)
+            compiles.append(dict(step=len(steps), kernel=self.fn.__name__, seconds=round(time.perf_counter() - t, 3),
+                                 constexprs={str(k): v for k, v in constexprs.items()}, signature=str(signature)[:300]))
+            return out
+
+        JITFunction._do_compile = logged_compile
     tables = {}
     host_prof, host_steps = cProfile.Profile(), 0
+    at_prof = cProfile.Profile()
     sync()
     t0 = time.perf_counter()
     while eng.has_unfinished_requests():
@@ -114,8 +133,11 @@ def main(argv=None) -> dict:
             kind = f"step {len(steps)}"
         n_before = len(steps)
         prof_host = a.cprofile and not kind and steps and steps[-1]["prefill_tokens"] == 0 and steps[-1]["batch"] == a.num_prompts
+        prof_at = len(steps) in a.cprofile_at and not prof_host
         if prof_host:
             host_prof.enable()
+        if prof_at:
+            at_prof.enable()
         ts = time.perf_counter()
         if kind:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -125,6 +147,8 @@ def main(argv=None) -> dict:
         if prof_host:
             host_prof.disable()
             host_steps += 1
+        if prof_at:
+            at_prof.disable()
         if len(steps) > n_before:  # a step that ran nothing (only reported finished requests) has no entry
             steps[-1]["step_s"] = time.perf_counter() - ts
         if kind:
@@ -163,12 +187,17 @@ def main(argv=None) -> dict:
                                    prefill_tokens=s["prefill_tokens"])
                               for i, s in sorted(enumerate(steps), key=lambda x: -x[1].get("step_s", 0))[:5]],
                alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0)
+    if a.log_compiles:
+        res["triton_compiles"] = compiles
     for kind, tabs in tables.items():
         note = ""
         if kind.startswith("step "):
             st = steps[int(kind.split()[1])]
             note = f" ({st['prefill_tokens']} prefill tokens, {st['decodes']} decodes, {st['last_chunks']} prompts completed)"
         print(f"\n===== {kind} kernels{note} =====\n{tabs[-1]}")
+    if a.cprofile_at:
+        print(f"\n===== host side of steps {a.cprofile_at} (cProfile, cumulative) =====")
+        pstats.Stats(at_prof).sort_stats("cumulative").print_stats(40)
     if host_steps:
         print(f"\n===== host side of {host_steps} decode steps at batch {a.num_prompts} (cProfile, by own time) =====")
         pstats.Stats(host_prof).sort_stats("tottime").print_stats(30)
