@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import random
 import sys
@@ -62,22 +61,28 @@ def measure_ceilings() -> tuple[float, float]:
 
 
 def roofline_s(n: int, prompt: int, out: int, kept: int | None, batch: int, flops: float, bw: float) -> float:
-    """Lower bound of the run: prefill compute-bound, decode bandwidth-bound.
+    """Lower bound of the run: prefill compute-bound; each decode step bound by its products
+    (reading the weights, or their arithmetic if that takes longer) plus reading the K/V.
 
     Prefill: 2 x params FLOPs per token plus attention (4 x layers x heads x head_dim per
     query-key pair, causal; with a budget the chunk sees at most budget + chunk keys, bounded
-    here by ``kept``). Decode: each step of each wave reads the weights once and every
-    running request's K/V (kept + generated so far)."""
+    here by ``kept``). Decode: each step of each wave reads the weights once, or spends
+    2 x params x rows FLOPs on them where that is longer (at 256 rows on an H200, whose
+    matmul rate over copy bandwidth is ~185 FLOP/byte, it is), and reads every running
+    request's K/V (kept + generated so far)."""
     c = LLAMA3_8B
     L, hq, hkv, hd, hidden = c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["hidden_size"]
     params = (hidden * (hq + 2 * hkv) * hd + hq * hd * hidden + 3 * hidden * c["intermediate_size"]) * L + 2 * c["vocab_size"] * hidden
+    matmul_params = params - c["vocab_size"] * hidden  # the input embedding is a lookup
     pairs = prompt * (prompt + 1) / 2 if kept is None else prompt * min(prompt, kept)
     prefill_flop = n * (2 * params * prompt + 4 * L * hq * hd * pairs)
     kv_token = L * hkv * hd * 2 * 2  # bytes: K and V, bf16
     held = prompt if kept is None else min(prompt, kept)
-    waves = math.ceil(n / max(1, batch))
-    decode_bytes = waves * out * 2 * params + n * kv_token * (out * held + out * (out + 1) / 2)
-    return prefill_flop / flops + decode_bytes / bw
+    batch = max(1, min(batch, n))
+    waves = [batch] * (n // batch) + ([n % batch] if n % batch else [])
+    weights_s = sum(out * max(2 * params / bw, 2 * matmul_params * rows / flops) for rows in waves)
+    kv_bytes = n * kv_token * (out * held + out * (out + 1) / 2)
+    return prefill_flop / flops + weights_s + kv_bytes / bw
 
 
 # ---- runners --------------------------------------------------------------------------------
