@@ -13,7 +13,7 @@ from engine.config import EngineConfig
 from engine.default_model import DEFAULT_MODEL_NAME, resolve_model
 from engine.detokenizer import Detokenizer
 from engine.faults import StepError
-from engine.inflight import StepInFlight, to_host
+from engine.inflight import LogprobTensors, StepInFlight, to_host
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.request import FinishReason, Request, TokenLogprob
@@ -278,27 +278,20 @@ class LLMEngine:
         touched: list[Request] = []
         if step.sampled:
             toks = step.host_tokens.tolist()
-            chosen, top_ids, top_vals = step.logprobs or (None, None, None)
             for i, (req, tok) in enumerate(zip(step.sampled, toks)):
                 req.num_pending_tokens -= 1
                 if req.is_finished:
                     continue
-                k = req.params.logprobs
-                if k is not None:
-                    alts = list(zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist())) if k else []
-                    req.logprobs.append(TokenLogprob(tok, float(chosen[i]), alts))
+                if req.params.logprobs is not None:
+                    req.logprobs.append(_token_logprob(step.logprobs, i, tok, req.params.logprobs))
                 self._append_token(req, tok, now)
                 touched.append(req)
-        if step.prompt_rows:
-            chosen, top_ids, top_vals = step.prompt_logprobs
-            for j, (req, p) in enumerate(step.prompt_rows):
-                if not req.prompt_logprobs:
-                    req.prompt_logprobs.append(None)  # the first prompt token has no logprob
-                if req.is_finished or p != len(req.prompt_logprobs):
-                    continue  # aborted, or a row this request already has (recomputed prompt)
-                k = req.params.prompt_logprobs or 0
-                alts = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist())) if k else []
-                req.prompt_logprobs.append(TokenLogprob(req.prompt_token_ids[p], float(chosen[j]), alts))
+        for j, (req, p) in enumerate(step.prompt_rows):
+            if not req.prompt_logprobs:
+                req.prompt_logprobs.append(None)  # the first prompt token has no logprob
+            if req.is_finished or p != len(req.prompt_logprobs):
+                continue  # aborted, or a row this request already has (recomputed prompt)
+            req.prompt_logprobs.append(_token_logprob(step.prompt_logprobs, j, req.prompt_token_ids[p], req.params.prompt_logprobs or 0))
         return touched
 
     def _suppressed(self, req: Request) -> list[int]:
@@ -365,3 +358,11 @@ class LLMEngine:
         st.kv_tokens_kept = sum(sum(s.lens) for s in seqs)
         st.kv_tokens_seen = sum(s.seen for s in seqs) * self.runner.spec.num_layers
         return EngineStats(**vars(st))
+
+
+def _token_logprob(lp: LogprobTensors, row: int, token: int, top: int) -> TokenLogprob:
+    """Row ``row`` of host-side ``Sampler.logprobs`` output as a ``TokenLogprob`` with ``top``
+    alternatives."""
+    chosen, top_ids, top_vals = lp
+    alts = list(zip(top_ids[row, :top].tolist(), top_vals[row, :top].tolist())) if top else []
+    return TokenLogprob(token, float(chosen[row]), alts)

@@ -73,9 +73,9 @@ class SamplingParams:
 class Sampler:
     """Picks the next token of each request from its last-position logits."""
 
-    def __init__(self, to_device: Callable[[list[int], torch.dtype], torch.Tensor] | None = None) -> None:
+    def __init__(self, to_device: Callable[[list[int], torch.dtype], torch.Tensor]) -> None:
         """``to_device(list, dtype)`` moves small index lists to the logits' device without
-        stalling it (the engine passes its ``PinnedStager``); default: ``torch.tensor``."""
+        stalling it (the engine passes its ``PinnedStager.to_device``)."""
         self.to_device = to_device
 
     def __call__(
@@ -90,9 +90,9 @@ class Sampler:
         rows = [i for i, ids in enumerate(suppress) for _ in ids]
         if rows:
             cols = [t for ids in suppress for t in ids]
-            stage = self.to_device or (lambda data, dtype: torch.tensor(data, dtype=dtype, device=logits.device))
             # one scatter; a Python-list index would copy from pageable memory and stall the GPU
-            logits.index_put_((stage(rows, torch.int64), stage(cols, torch.int64)), logits.new_full((), float("-inf")))
+            idx = (self.to_device(rows, torch.int64), self.to_device(cols, torch.int64))
+            logits.index_put_(idx, logits.new_full((), float("-inf")))
         out = logits.argmax(dim=-1)
         for i, p in enumerate(params):
             if p.greedy:
