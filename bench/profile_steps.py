@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
               skip_tokenizer_init=True, device=a.device, chunk_size=a.chunk,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=a.kv_policy,
               kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, cuda_graphs=a.cuda_graphs, fused_ops=a.fused_ops,
-              async_scheduling=a.async_scheduling)
+              async_scheduling=a.async_scheduling, cuda_graph_max_batch=max(256, a.max_num_seqs))
     eng = llm.engine
     vocab = eng.runner.spec.vocab_size
     rng = random.Random(0)

@@ -101,7 +101,8 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
     llm = LLM(shape_only_model(LLAMA3_8B), load_format="dummy", skip_tokenizer_init=True, chunk_size=a.chunk,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=cfg["policy"],
               kv_budget=cfg["budget"], kv_recall=cfg["recall"], host_kv_tokens=a.host_kv_tokens if cfg["recall"] else None,
-              max_model_len=len(prompts[0]) + out_len + a.chunk, fused_ops=a.fused_ops, async_scheduling=a.async_scheduling)
+              max_model_len=len(prompts[0]) + out_len + a.chunk, fused_ops=a.fused_ops, async_scheduling=a.async_scheduling,
+              cuda_graph_max_batch=max(256, a.max_num_seqs))  # every decode batch the run can reach has a graph
     # warm-up on the workload's own shapes: full chunks for a step's worth of requests, so
     # eviction, parking and recall run and every Triton kernel variant the run needs is
     # compiled before the clock starts (a 64-token warm-up left that to the first timed

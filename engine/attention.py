@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.fused_ops import store_kv
 from engine.kv_cache import KVCache
 from engine.triton_attention import paged_attention
 
@@ -121,10 +122,7 @@ class PoolAttention:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache, meta = self.cache, self.meta
-        idx = meta.write_idx[layer_idx]  # (N,)
-        cache.k[layer_idx].index_copy_(0, idx, k)
-        cache.v[layer_idx].index_copy_(0, idx, v)
-        cache.pos[layer_idx].index_copy_(0, idx, meta.positions.to(torch.int32)[:, None].expand(-1, cache.num_kv_heads))
+        store_kv(k, v, meta.positions, meta.write_idx[layer_idx], cache.k[layer_idx], cache.v[layer_idx], cache.pos[layer_idx], self.fused)
         if self.hook is not None:
             self.hook.before_attention(layer_idx, q, self)
         if self.fused:

@@ -4,7 +4,10 @@ A W1 prefill step (8,192 tokens, Llama-3-8B, H100) spent ~90 of its 258 GPU ms i
 elementwise kernels: float32 RMSNorm statistics (a cast, a square, a mean, a multiply, a cast
 back and the weight), RoPE (two products, a concatenation, a sum for q and for k) and SiLU x
 up, each a full pass over activations of up to 8,192 x 28,672 values. One kernel per
-operation reads its inputs once and writes its output once.
+operation reads its inputs once and writes its output once. In a decode step the cost is the
+launches instead: RoPE on q and on k, three index copies of the new K, V and positions into
+the pool and a cast of the positions were six kernels per layer (~0.5 ms of a 14 ms step at
+batch 256 on an H200); ``rotary_qk`` and ``store_kv`` make them two.
 
 Each kernel reproduces the reference's rounding: where torch rounds an intermediate to the
 activation dtype (RMSNorm's normalised value before the weight, RoPE's two products, SiLU's
@@ -17,6 +20,8 @@ Every function takes ``fused``: the Triton kernel (CUDA tensors; ``TRITON_INTERP
 it on the CPU for the tests) or the torch reference.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +103,21 @@ if HAS_TRITON:
         tl.store(p1, o1.to(dt), mask=m)
         tl.store(p1 + HALF, o2.to(dt), mask=m)
 
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, pos_ptr, idx_ptr, kc_ptr, vc_ptr, pc_ptr, skn, svn, H,
+                         HD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+        # one program per new token: its K and V rows (H_kv x D contiguous) and its position
+        # (once per KV head) go to its pool slot
+        n = tl.program_id(0)
+        slot = tl.load(idx_ptr + n).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        m = offs < HD
+        tl.store(kc_ptr + slot * HD + offs, tl.load(k_ptr + n * skn + offs, mask=m), mask=m)
+        tl.store(vc_ptr + slot * HD + offs, tl.load(v_ptr + n * svn + offs, mask=m), mask=m)
+        hs = tl.arange(0, BLOCK_H)
+        p = tl.load(pos_ptr + n).to(tl.int32) + tl.zeros([BLOCK_H], dtype=tl.int32)
+        tl.store(pc_ptr + slot * H + hs, p, mask=hs < H)
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
@@ -157,3 +177,38 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = 
     BLOCK_H = min(triton.next_power_of_2(H), 16)
     _rotary_kernel[(N, triton.cdiv(H, BLOCK_H))](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), H, HALF=half, BLOCK_H=BLOCK_H, enable_fp_fusion=False)
     return x
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q (N, H_q, D) and k (N, H_kv, D). Fused, where k's heads directly follow q's in
+    memory (both views of one q/k/v projection output, as the model has them): one launch
+    over the H_q + H_kv heads instead of two (a decode step runs this once per layer, where
+    a launch costs about what the work does)."""
+    if fused and q.dim() == 3 and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2] and k.stride() == q.stride() \
+            and q.stride(1) == q.shape[2] and k.data_ptr() == q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size():
+        qk = q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
+        if rotary(qk, cos, sin, True) is qk:  # in place, so q and k (views of it) are rotated
+            return q, k
+    return rotary(q, cos, sin, fused), rotary(k, cos, sin, fused)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+             k_cache: torch.Tensor, v_cache: torch.Tensor, pos_cache: torch.Tensor, fused: bool = False) -> None:
+    """Write the new tokens' keys and values (N, H_kv, D) and their positions (N,) to pool
+    slots ``slots`` (N,) of one layer: ``k_cache``, ``v_cache`` (S, H_kv, D), ``pos_cache``
+    (S, H_kv) int32 (the position repeated per KV head). Fused (where Triton runs: CUDA, or
+    the CPU under ``TRITON_INTERPRET=1``, as the attention kernels): one kernel instead of
+    three index copies and a cast, four launches per layer and step."""
+    n, h, d = k.shape
+    ok = (fused and HAS_TRITON and (k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and k.stride(1) == d and k.stride(2) == 1 and v.stride() == k.stride() and k_cache.is_contiguous()
+          and v_cache.is_contiguous() and pos_cache.is_contiguous() and slots.is_contiguous() and positions.is_contiguous())
+    if not ok:
+        k_cache.index_copy_(0, slots, k)
+        v_cache.index_copy_(0, slots, v)
+        pos_cache.index_copy_(0, slots, positions.to(torch.int32)[:, None].expand(-1, h))
+        return
+    if n == 0:
+        return
+    _store_kv_kernel[(n,)](k, v, positions, slots, k_cache, v_cache, pos_cache, k.stride(0), v.stride(0), h,
+                           HD=h * d, BLOCK=triton.next_power_of_2(h * d), BLOCK_H=triton.next_power_of_2(h))

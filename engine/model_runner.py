@@ -140,7 +140,7 @@ class ModelRunner:
         host: HostKVStore | None = None,
         prev: StepInFlight | None = None,
     ) -> tuple[torch.Tensor, int]:
-        """Run the step; returns float32 logits (len(logit_rows), V) for the packed-token
+        """Run the step; returns logits (len(logit_rows), V) in the model's dtype for the packed-token
         indices ``logit_rows`` and the number of tokens evicted (summed over layers). The
         pool's held lengths advance by ``num_new``, then drop where layers evicted.
         ``windows`` holds the requests' observation windows across steps. ``prev``: the step

@@ -80,13 +80,15 @@ class Sampler:
 
     def __call__(
         self,
-        logits: torch.Tensor,  # (B, V) float32
+        logits: torch.Tensor,  # (B, V), the model's dtype
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
         suppress: list[list[int]],
     ) -> torch.Tensor:  # (B,) int64 on the logits' device
-        """``suppress[i]`` lists token ids row i may not produce (EOS before min_tokens)."""
-        logits = logits.float()
+        """``suppress[i]`` lists token ids row i may not produce (EOS before min_tokens); they
+        are set to -inf in ``logits`` itself, so logprobs read afterwards exclude them.
+        Greedy rows take the argmax in the logits' own dtype (casting to float32 is exact and
+        monotonic, so the pick is the same); sampled rows are cast to float32 first."""
         rows = [i for i, ids in enumerate(suppress) for _ in ids]
         if rows:
             cols = [t for ids in suppress for t in ids]
@@ -97,7 +99,7 @@ class Sampler:
         for i, p in enumerate(params):
             if p.greedy:
                 continue
-            out[i] = self._sample_row(logits[i], p, generators[i])
+            out[i] = self._sample_row(logits[i].float(), p, generators[i])
         return out
 
     @staticmethod

@@ -79,6 +79,31 @@ def test_seeded_sampling_reproducible_and_batch_independent(tiny_llama):
     assert other_seed != alone
 
 
+def test_sampler_reads_bf16_logits_as_their_float32_copy():
+    """The LM head's logits stay in the model's dtype (no float32 copy of (B, V) per step):
+    greedy picks, suppression and seeded sampling give what the float32 copy gives."""
+    from engine.sampling import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 500, generator=g) * 4).to(torch.bfloat16)
+    logits[1, 7] = logits[1, 9] = logits[1].max() + 1  # a tie: both take the lower index
+    params = [_greedy(), _greedy(), SamplingParams(temperature=0.7, top_p=0.9, seed=5), _greedy(),
+              SamplingParams(temperature=1.2, top_k=20, seed=6), _greedy()]
+    suppress = [[], [7], [], [int(logits[3].float().argmax())], [], []]
+    sampler = Sampler(lambda xs, dtype: torch.tensor(xs, dtype=dtype))
+
+    def run(lg):
+        gens = [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in params]
+        return sampler(lg, params, gens, [list(x) for x in suppress]), lg
+
+    got, lg16 = run(logits.clone())
+    want, lg32 = run(logits.float())
+    assert torch.equal(got, want)
+    assert got[0] == logits[0].float().argmax() and got[1] == 9 and got[3] != suppress[3][0]
+    assert torch.equal(lg16.float(), lg32)  # suppressed in place, as logprobs then read them
+    assert lg16[1, 7] == float("-inf")
+
+
 def test_small_pool_completes_everything_with_same_outputs(tiny_llama):
     prompts = random_prompts([200, 180, 150, 120, 100, 90, 60, 30], seed=11)
     ref = LLM(str(tiny_llama), device="cpu", chunk_size=64, num_tokens=8192).generate(prompts, _greedy())

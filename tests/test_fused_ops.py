@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.fused_ops import HAS_TRITON, rms_norm, rms_norm_ref, rotary, rotary_ref, silu_mul
+from engine.fused_ops import HAS_TRITON, rms_norm, rms_norm_ref, rotary, rotary_qk, rotary_ref, silu_mul, store_kv
 
 interpret = pytest.mark.skipif(
     not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
@@ -62,6 +62,36 @@ def _check(device, dtype, n, hidden, heads, kv_heads, d, inter, truncating=False
     assert got_q.data_ptr() == q.data_ptr()  # in place
     torch.testing.assert_close(got_q, want_q, **exact)
     torch.testing.assert_close(got_k, want_k, **exact)
+    # q and k in one launch: the same bits as the two launches above
+    qkv = t["qkv"].clone()
+    q, k = _qk(qkv, heads, kv_heads, d)
+    got_q2, got_k2 = rotary_qk(q, k, t["cos"], t["sin"], fused=True)
+    assert got_q2.data_ptr() == q.data_ptr() and got_k2.data_ptr() == k.data_ptr()
+    assert torch.equal(got_q2, got_q) and torch.equal(got_k2, got_k)
+    assert torch.equal(qkv[:, (heads + kv_heads) * d :], t["qkv"][:, (heads + kv_heads) * d :])  # v untouched
+    _check_store_kv(t["qkv"], heads, kv_heads, d)
+
+
+def _check_store_kv(qkv, heads, kv_heads, d):
+    """The fused K/V/position write equals the three index copies, bit for bit, with k and v
+    the strided views of the projection the model passes."""
+    n = qkv.shape[0]
+    _, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    k, v = k.view(n, kv_heads, d), v.view(n, kv_heads, d)
+    slots = torch.randperm(3 * n, generator=torch.Generator().manual_seed(1))[:n].to(qkv.device)
+    positions = torch.arange(100, 100 + n, device=qkv.device) * 7
+    pools = [(torch.zeros(3 * n, kv_heads, d, dtype=qkv.dtype, device=qkv.device),
+              torch.zeros(3 * n, kv_heads, d, dtype=qkv.dtype, device=qkv.device),
+              torch.full((3 * n, kv_heads), -1, dtype=torch.int32, device=qkv.device)) for _ in range(2)]
+    store_kv(k, v, positions, slots, *pools[0], fused=False)
+    store_kv(k, v, positions, slots, *pools[1], fused=True)
+    for want, got in zip(*pools):
+        assert torch.equal(want, got)
+    assert torch.equal(pools[1][0][slots], k) and torch.equal(pools[1][1][slots], v)
+    assert torch.equal(pools[1][2][slots], positions.to(torch.int32)[:, None].expand(-1, kv_heads))
+    untouched = torch.ones(3 * n, dtype=torch.bool, device=qkv.device)
+    untouched[slots] = False
+    assert (pools[1][2][untouched] == -1).all() and (pools[1][0][untouched] == 0).all()
 
 
 def test_reference_ops_match_the_formulations_they_replace():
@@ -79,6 +109,10 @@ def test_reference_ops_match_the_formulations_they_replace():
     hq, hk = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], t["cos"][None], t["sin"][None])
     assert torch.allclose(rotary(q, t["cos"], t["sin"]), hq[0].transpose(0, 1), atol=1e-6)
     assert torch.allclose(rotary(k, t["cos"], t["sin"]), hk[0].transpose(0, 1), atol=1e-6)
+    # the pair, unfused, is the two single calls; the K/V write is plain index copies
+    rq, rk = rotary_qk(q, k, t["cos"], t["sin"])
+    assert torch.equal(rq, rotary(q, t["cos"], t["sin"])) and torch.equal(rk, rotary(k, t["cos"], t["sin"]))
+    _check_store_kv(t["qkv"], 4, 2, 16)
 
 
 @interpret
