@@ -56,6 +56,10 @@ def main(argv=None) -> dict:
                    help="cProfile the host side of these steps (0-based), e.g. the slowest steps a run reported")
     p.add_argument("--cprofile", action="store_true",
                    help="cProfile the host side of the decode steps at the peak batch (their Python, not the kernels)")
+    p.add_argument("--trace", default=None,
+                   help="write a torch-profiler trace (chrome JSON, gzipped) of --trace-steps decode steps at the peak batch, "
+                        "after 5 such steps, and print where the GPU idled in them")
+    p.add_argument("--trace-steps", type=int, default=4)
     p.add_argument("--log-compiles", action="store_true",
                    help="report every Triton compile after the warm-up: the step, kernel, constexprs and seconds")
     p.add_argument("--json", default=None)
@@ -120,7 +124,13 @@ def main(argv=None) -> dict:
     at_prof = cProfile.Profile()
     sync()
     t0 = time.perf_counter()
+    tracer, traced = None, 0
     while eng.has_unfinished_requests():
+        if a.trace and cuda and traced == 0 and tracer is None:
+            steady = [s for s in steps if s["prefill_tokens"] == 0 and s["batch"] == a.num_prompts]
+            if len(steady) >= 5:
+                tracer = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                tracer.__enter__()
         kind = None
         if a.profile:
             running = eng.scheduler.running
@@ -151,6 +161,15 @@ def main(argv=None) -> dict:
             at_prof.disable()
         if len(steps) > n_before:  # a step that ran nothing (only reported finished requests) has no entry
             steps[-1]["step_s"] = time.perf_counter() - ts
+        if tracer is not None:
+            traced += 1
+            if traced == a.trace_steps:
+                tb = time.perf_counter()
+                sync()
+                tracer.__exit__(None, None, None)
+                trace_report(tracer, a.trace, traced)
+                tracer = None
+                t0 += time.perf_counter() - tb
         if kind:
             # building the table takes seconds: keep it out of the step and the run's times
             tb = time.perf_counter()
@@ -205,6 +224,46 @@ def main(argv=None) -> dict:
     print(json.dumps(res))
     append_jsonl(a.json, res)
     return res
+
+
+def trace_report(prof, path: str, num_steps: int) -> None:
+    """Export the trace and print the GPU's idle time in it: the gaps between consecutive
+    device activities (kernels, copies, memsets) on any stream, the largest with their
+    neighbours, and the host's busiest calls over the same window."""
+    import gzip
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        prof.export_chrome_trace(tmp.name)
+        with open(tmp.name, "rb") as f:
+            raw = f.read()
+    with gzip.open(path, "wb") as f:
+        f.write(raw)
+    events = json.loads(raw)["traceEvents"]
+    dev = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    if not dev:
+        print("trace: no device activity")
+        return
+    gaps, end, prev = [], dev[0]["ts"] + dev[0]["dur"], dev[0]
+    for e in dev[1:]:
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, prev["name"][:50], e["name"][:50]))
+        if e["ts"] + e["dur"] >= end:
+            end, prev = e["ts"] + e["dur"], e
+    span = end - dev[0]["ts"]
+    busy = span - sum(g[0] for g in gaps)
+    big = [g for g in gaps if g[0] >= 20]
+    print(f"\n===== trace of {num_steps} decode steps ({path}) =====")
+    print(f"device span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms in {len(gaps)} gaps"
+          f" ({len(big)} of >= 20 us, {sum(g[0] for g in big) / 1e3:.2f} ms); {len(dev)} device activities")
+    for us, before, after in sorted(gaps, reverse=True)[:15]:
+        print(f"  idle {us:8.1f} us  after {before:50s} before {after}")
+    host: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
+    print("  host time in CUDA calls: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in sorted(host.items(), key=lambda x: -x[1])[:8]))
 
 
 if __name__ == "__main__":
