@@ -125,6 +125,7 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
                peak_batch=st.peak_running_batch_size, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                recall_fallbacks=st.num_recall_fallbacks_total - fallbacks0, kv_pool_tokens=eng.cache.capacity_tokens,
                budget=cfg["budget"], recall=cfg["recall"], fused_ops=eng.runner.fused_ops, async_scheduling=eng.async_scheduling,
+               chunk=a.chunk, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0)
     del llm, eng, outs
     gc.collect()
