@@ -119,6 +119,12 @@ if HAS_TRITON:
         tl.store(pc_ptr + slot * H + hs, p, mask=hs < H)
 
 
+def triton_usable(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``t``: CUDA, or the CPU under
+    ``TRITON_INTERPRET=1`` (the tests)."""
+    return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
@@ -197,13 +203,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, slots: t
              k_cache: torch.Tensor, v_cache: torch.Tensor, pos_cache: torch.Tensor, fused: bool = False) -> None:
     """Write the new tokens' keys and values (N, H_kv, D) and their positions (N,) to pool
     slots ``slots`` (N,) of one layer: ``k_cache``, ``v_cache`` (S, H_kv, D), ``pos_cache``
-    (S, H_kv) int32 (the position repeated per KV head). Fused (where Triton runs: CUDA, or
-    the CPU under ``TRITON_INTERPRET=1``, as the attention kernels): one kernel instead of
-    three index copies and a cast, four launches per layer and step."""
+    (S, H_kv) int32 (the position repeated per KV head). Fused (where ``triton_usable``, as
+    the attention kernels): one kernel instead of three index copies and a cast, four
+    launches per layer and step."""
     n, h, d = k.shape
-    ok = (fused and HAS_TRITON and (k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and k.stride(1) == d and k.stride(2) == 1 and v.stride() == k.stride() and k_cache.is_contiguous()
-          and v_cache.is_contiguous() and pos_cache.is_contiguous() and slots.is_contiguous() and positions.is_contiguous())
-    if not ok:
+    rows_contiguous = k.stride(1) == d and k.stride(2) == 1 and v.stride() == k.stride()  # H_kv x D per token
+    flat = all(t.is_contiguous() for t in (k_cache, v_cache, pos_cache, slots, positions))
+    if not (fused and triton_usable(k) and rows_contiguous and flat):
         k_cache.index_copy_(0, slots, k)
         v_cache.index_copy_(0, slots, v)
         pos_cache.index_copy_(0, slots, positions.to(torch.int32)[:, None].expand(-1, h))

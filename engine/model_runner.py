@@ -140,8 +140,8 @@ class ModelRunner:
         host: HostKVStore | None = None,
         prev: StepInFlight | None = None,
     ) -> tuple[torch.Tensor, int]:
-        """Run the step; returns logits (len(logit_rows), V) in the model's dtype for the packed-token
-        indices ``logit_rows`` and the number of tokens evicted (summed over layers). The
+        """Run the step; returns logits (len(logit_rows), V) in the model's dtype for the
+        packed-token indices ``logit_rows`` and the number of tokens evicted (summed over layers). The
         pool's held lengths advance by ``num_new``, then drop where layers evicted.
         ``windows`` holds the requests' observation windows across steps. ``prev``: the step
         still in flight (async scheduling), whose sampled ids are inputs of this one where

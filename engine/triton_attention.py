@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
@@ -65,6 +64,8 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
     HAS_TRITON = False
+
+from engine.fused_ops import triton_usable  # noqa: E402
 
 _LOG2E = 1.4426950408889634
 
@@ -559,10 +560,6 @@ def paged_attention_triton(
     return out
 
 
-def _triton_usable(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -588,7 +585,7 @@ def paged_attention(
     each (vLLM's decode-first batch order), they run through the decode kernel and the rest
     through the prefill kernel, in two launches: faster on mixed steps than one launch sized
     for the chunks (which gives each decode request a 128-row program)."""
-    if _triton_usable(q):
+    if triton_usable(q):
         return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                                       max_query_len, block_size, scale, out, num_decodes=num_decodes)
     return paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
