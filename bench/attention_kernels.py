@@ -9,9 +9,9 @@
 4. prefill: 16 requests x 512 new queries over 4096 cached keys, against the FLOP floor and
    SDPA flash on a dense copy; 5. a mixed decode + prefill step.
 
-    python bench/attention_kernels.py                          # everything, prints tables
-    python bench/attention_kernels.py --sweep --json out.json  # also launch-config variants
-    python bench/attention_kernels.py --sections prefill --sweep --skip-correctness
+    python -m bench.attention_kernels                          # everything, prints tables
+    python -m bench.attention_kernels --sweep --json out.json  # also launch-config variants
+    python -m bench.attention_kernels --sections prefill --sweep --skip-correctness
 
 Times are medians: ``graph us`` replays the call captured in a CUDA graph
 (``triton.testing.do_bench_cudagraph``: kernel time without Python launch cost, as the engine
@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from engine.triton_attention import (  # noqa: E402
+from batchmax.engine.triton_attention import (
     paged_attention_ref,
     paged_attention_torch,
     paged_attention_triton,
@@ -198,7 +194,7 @@ def decode_section(rows, sweep, floor_bw):
                      {"tile": 128, "num_warps": 8, "num_stages": 3}, {"tile": 32, "num_stages": 4}]
         time_configs(name, case, cfgs, rows, "decode", byt / floor_bw * 1e6, byt)
         # yardsticks: SDPA over a dense copy (the gather not counted), and the gather itself
-        hq, hkv, d = shape["hq"], shape["hkv"], shape["d"]
+        hq, _hkv, d = shape["hq"], shape["hkv"], shape["d"]
         if b * s <= 256 * 768 or b <= 16:
             qd = case["q"].view(b, hq, 1, d)
             t = torch.arange(s, device="cuda")

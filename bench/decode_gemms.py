@@ -13,24 +13,20 @@ at M = 256 the products are compute-bound on the H200 (256 FLOP per weight byte,
 ~185 FLOP/byte ridge), so cuBLAS's ~650 TFLOP/s is near the floor and the kernel stays here,
 out of the engine.
 
-    python bench/decode_gemms.py --m 128 256 --json bench/results/DATE-GPU-decode-gemms.jsonl
+    python -m bench.decode_gemms --m 128 256 --json bench/results/DATE-GPU-decode-gemms.jsonl
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from bench import append_jsonl  # noqa: E402
+from bench import append_jsonl
 
 
 @dataclass(frozen=True)

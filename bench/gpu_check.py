@@ -1,6 +1,6 @@
 """CUDA vs CPU agreement of the engine's eviction and recall paths (float32, tiny model).
 
-    python bench/gpu_check.py
+    python -m bench.gpu_check
 
 Greedy tokens of a tiny random Llama (GQA) must match between devices for every policy,
 with and without recall, chunked; the fused path with CUDA graphs must match it without, and
@@ -9,17 +9,14 @@ the synchronous engine; prints a table and exits non-zero on a mismatch.
 """
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from engine import LLM, SamplingParams  # noqa: E402
-from tests.helpers import random_prompts  # noqa: E402
-from tests.tiny_models import build_tiny_model  # noqa: E402
+from batchmax.engine import LLM, SamplingParams
+from tests.helpers import random_prompts
+from tests.tiny_models import build_tiny_model
 
 
 def main() -> int:

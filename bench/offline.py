@@ -3,26 +3,22 @@
 EOS is ignored so every request generates exactly ``--output-len`` tokens. Prints total and
 output tokens/s, the largest running batch and peak memory; ``--json`` appends the result.
 
-    python bench/offline.py --model llama3-8b --num-prompts 64 --prompt-len 4096 --output-len 256
-    python bench/offline.py --model /path/to/hf/dir --device cpu --num-prompts 8 --prompt-len 256 --output-len 32
+    python -m bench.offline --model llama3-8b --num-prompts 64 --prompt-len 4096 --output-len 256
+    python -m bench.offline --model /path/to/hf/dir --device cpu --num-prompts 8 --prompt-len 256 --output-len 32
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from bench import append_jsonl  # noqa: E402
-from bench.models import LLAMA3_8B, shape_only_model  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from batchmax.engine import LLM, SamplingParams
+from bench import append_jsonl
+from bench.models import LLAMA3_8B, shape_only_model
 
 
 def parse_args(argv=None):
@@ -81,7 +77,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    eng._stats.peak_running_batch_size = 0
+    eng.reset_peak_running_batch()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
     if device.type == "cuda":

@@ -1,5 +1,5 @@
 """Passkey retrieval under eviction: every policy x retained fraction x chunk, against the
-full cache, on prompts where the full cache answers (DESIGN.md section 1).
+full cache, on prompts where the full cache answers (docs/ARCHITECTURE.md, "Footprint and admission").
 
 The budget of each request is ``fraction x its prompt length`` tokens per layer and KV head.
 ``one-shot`` reads the whole prompt as one chunk (eviction once, after the prompt: the setting
@@ -7,20 +7,17 @@ of SnapKV and kvpress); ``chunk 128`` evicts after every 128-token chunk (Batch-
 with recall (``compressed``: the last chunk attends to the held tokens, then re-selects over
 held + parked; ``recalled``: re-selects first and attends to the recalled set).
 
-    python bench/passkey.py --out bench/results/passkey-smollm2.md
+    python -m bench.passkey --out bench/results/passkey-smollm2.md
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.tasks import passkey_set  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from batchmax.engine import LLM, SamplingParams
+from bench.tasks import passkey_set
 
 POLICIES = ["snapkv", "h2o", "tova", "knorm", "streaming", "pyramid"]
 ONE_SHOT_CHUNK = 4096

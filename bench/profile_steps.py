@@ -4,8 +4,8 @@ measurement adds no sync: with async scheduling a step's host work overlaps the 
 step's forward, and the step time approaches the forward's), and a torch-profiler table of
 the CUDA kernels of a few steady-state steps of each kind.
 
-    python bench/profile_steps.py --num-prompts 128 --prompt-len 4096 --output-len 256 --kv-policy snapkv --kv-budget 512
-    python bench/profile_steps.py --num-prompts 256 --prompt-len 767 --output-len 16   # decode B=256 x 768
+    python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 256 --kv-policy snapkv --kv-budget 512
+    python -m bench.profile_steps --num-prompts 256 --prompt-len 767 --output-len 16   # decode B=256 x 768
 
 Writes ``--json`` (one line) and prints the kernel tables when ``--profile`` is given.
 """
@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import random
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from bench import append_jsonl  # noqa: E402
-from bench.models import LLAMA3_8B, shape_only_model  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from batchmax.engine import LLM, SamplingParams
+from bench import append_jsonl
+from bench.models import LLAMA3_8B, shape_only_model
 
 
 def main(argv=None) -> dict:
@@ -76,8 +72,8 @@ def main(argv=None) -> dict:
     rng = random.Random(0)
     params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
     llm.generate([[rng.randrange(1000, vocab - 1000) for _ in range(64)]], SamplingParams(max_tokens=4, ignore_eos=True))
-    for _ in range(a.num_prompts):
-        eng.add_request(str(next(llm._ids)), [rng.randrange(1000, vocab - 1000) for _ in range(a.prompt_len)], params)
+    for i in range(a.num_prompts):
+        eng.add_request(f"probe-{i}", [rng.randrange(1000, vocab - 1000) for _ in range(a.prompt_len)], params)
 
     cuda = eng.runner.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -109,7 +105,7 @@ def main(argv=None) -> dict:
     if a.log_compiles:
         from triton.runtime.jit import JITFunction
 
-        orig_compile = JITFunction._do_compile
+        orig_compile = JITFunction._do_compile  # noqa: SLF001 - a benchmark-only hook on Triton's compile
 
         def logged_compile(self, key, signature, device, constexprs, *args, **kwargs):
             t = time.perf_counter()
@@ -118,7 +114,7 @@ def main(argv=None) -> dict:
                                  constexprs={str(k): v for k, v in constexprs.items()}, signature=str(signature)[:300]))
             return out
 
-        JITFunction._do_compile = logged_compile
+        JITFunction._do_compile = logged_compile  # noqa: SLF001
     tables = {}
     host_prof, host_steps = cProfile.Profile(), 0
     at_prof = cProfile.Profile()

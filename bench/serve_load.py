@@ -1,4 +1,4 @@
-"""Load generator for a running OpenAI-compatible server (workload W3 of DESIGN.md).
+"""Load generator for a running OpenAI-compatible server (workload W3 of docs/ARCHITECTURE.md, "Benchmarks and workloads").
 
 N concurrent streaming clients send requests whose prompt and output lengths are drawn from
 distributions (``N`` fixed or ``LO:HI`` uniform); it prints a progress bar, then request/s,
@@ -7,9 +7,9 @@ end-to-end latency (E2E) at mean/p50/p90/p99. ``--compare-offline`` runs the sam
 through the offline engine (``engine.LLM``) in this process and shows both columns.
 
     batchmax serve --model DIR --port 8000 &
-    python bench/serve_load.py --url http://127.0.0.1:8000 --num-requests 256 --concurrency 64 \\
+    python -m bench.serve_load --url http://127.0.0.1:8000 --num-requests 256 --concurrency 64 \\
         --prompt-len 64:512 --output-len 16:128
-    python bench/serve_load.py --url http://127.0.0.1:8000 --num-requests 64 --concurrency 64 \\
+    python -m bench.serve_load --url http://127.0.0.1:8000 --num-requests 64 --concurrency 64 \\
         --prompt-len 128 --output-len 32 --compare-offline --model DIR --engine-args '{"device": "cpu"}'
 
 Any OpenAI-compatible server works: ``--prompt-format text`` for servers that take no token
@@ -29,11 +29,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.latency_report import Summary, Timing, summarize, table  # noqa: E402
-from bench.load_client import LoadConfig, LoadRun, run_load  # noqa: E402
-from bench.workload import LenDist, LoadRequest, make_workload  # noqa: E402
+from bench.latency_report import Summary, Timing, summarize, table
+from bench.load_client import LoadConfig, LoadRun, run_load
+from bench.workload import LenDist, LoadRequest, make_workload
 
 
 def http_summary(run: LoadRun, label: str = "server") -> Summary:
@@ -50,7 +48,7 @@ def http_summary(run: LoadRun, label: str = "server") -> Summary:
 def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dict, temperature: float, ignore_eos: bool) -> Summary:
     """The same workload through ``LLMEngine`` directly: every request added at once, then
     stepped to the end, timing each request's tokens as the steps produce them."""
-    from engine import LLM, SamplingParams
+    from batchmax.engine import LLM, SamplingParams
 
     llm = LLM(model, **engine_args)
     eng = llm.engine

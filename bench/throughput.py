@@ -1,4 +1,4 @@
-"""Throughput of batchmax against HF transformers on one GPU, in one process (DESIGN.md §6).
+"""Throughput of batchmax against HF transformers on one GPU, in one process (docs/ARCHITECTURE.md, "Benchmarks and workloads").
 
 W1: 128 prompts x 4096 tokens -> 256; W2: 16k-token prompts -> 512. Every configuration runs
 on the Llama-3-8B-shaped model with random bf16 weights; EOS is ignored so every request
@@ -17,8 +17,8 @@ output tok/s, the largest running batch, peak GPU memory, the ratio to each peer
 roofline time: prefill at the measured bf16 matmul rate plus decode at the measured copy
 bandwidth (weights once per decode step of each wave, plus every request's kept K/V).
 
-    python bench/throughput.py --workload W1 --configs full snapkv@512 snapkv@1024 snapkv@512+recall
-    python bench/throughput.py --workload W2 --num-prompts 96 --configs full snapkv@1024 --peer-prompts 8 --static-batch 8
+    python -m bench.throughput --workload W1 --configs full snapkv@512 snapkv@1024 snapkv@512+recall
+    python -m bench.throughput --workload W2 --num-prompts 96 --configs full snapkv@1024 --peer-prompts 8 --static-batch 8
 
 Appends JSON lines to ``--json``; ``--plot`` draws tok/s against budget and running batch
 from every line of that file (matplotlib).
@@ -28,17 +28,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from bench import append_jsonl  # noqa: E402
-from bench.models import LLAMA3_8B, shape_only_model  # noqa: E402
+from bench import append_jsonl
+from bench.models import LLAMA3_8B, shape_only_model
 
 WORKLOADS = {"W1": (128, 4096, 256), "W2": (96, 16384, 512)}
 
@@ -96,7 +92,7 @@ def parse_config(s: str) -> dict:
 
 
 def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
-    from engine import LLM, SamplingParams
+    from batchmax.engine import LLM, SamplingParams
 
     llm = LLM(shape_only_model(LLAMA3_8B), load_format="dummy", skip_tokenizer_init=True, chunk_size=a.chunk,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=cfg["policy"],
@@ -112,7 +108,7 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     eng = llm.engine
-    eng._stats.peak_running_batch_size = 0
+    eng.reset_peak_running_batch()
     fallbacks0 = eng.stats().num_recall_fallbacks_total
     retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)  # caching-allocator frees + retries (each syncs)
     t0 = time.perf_counter()
@@ -138,7 +134,8 @@ def _hf_model():
 
     config = LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k not in ("architectures", "model_type", "dtype")})
     with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = LlamaForCausalLM._from_config(config,  # noqa: SLF001 - HF's random-init constructor
+                                               dtype=torch.bfloat16, attn_implementation="sdpa")
     with torch.no_grad():  # random weights, as for batchmax (no checkpoint on this machine)
         for p in model.parameters():
             p.normal_(0.0, 0.02) if p.dim() >= 2 else p.fill_(1.0)

@@ -100,7 +100,7 @@ sys.exit("install-cpu: installing batchmax replaced torch with a CUDA build" if 
     "$venv/bin/batchmax" --help >/dev/null
     if [ -n "${BATCHMAX_CACHE:-}" ]; then
         say "converting the default model into $BATCHMAX_CACHE"
-        "$py" -c 'from engine.default_model import default_model_dir; default_model_dir()'
+        "$py" -c 'from batchmax.engine.default_model import default_model_dir; default_model_dir()'
     fi
     say "done"
 }

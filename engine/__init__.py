@@ -1,11 +1,11 @@
 """batchmax engine: continuous batching over a bounded KV pool. Never imports the server."""
-from engine.config import CacheConfig, EngineConfig, EvictionConfig, SchedulerConfig
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.request import FinishReason, TokenLogprob
-from engine.sampling import SamplingParams
-from engine.stats import EngineStats
+from batchmax.engine.config import CacheConfig, EngineConfig, EvictionConfig, SchedulerConfig
+from batchmax.engine.llm import LLM
+from batchmax.engine.llm_engine import LLMEngine
+from batchmax.engine.outputs import RequestOutput
+from batchmax.engine.request import FinishReason, TokenLogprob
+from batchmax.engine.sampling import SamplingParams
+from batchmax.engine.stats import EngineStats
 
 __all__ = [
     "LLM",

@@ -28,10 +28,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from engine.faults import StepError
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
-from engine.stats import EngineStats
+from batchmax.engine.faults import StepError
+from batchmax.engine.outputs import RequestOutput
+from batchmax.engine.sampling import SamplingParams
+from batchmax.engine.stats import EngineStats
 
 logger = logging.getLogger("batchmax.engine")
 
@@ -78,7 +78,8 @@ class OutputStream:
 
     def __init__(self, owner: "AsyncEngine", request_ids: Sequence[str], loop: asyncio.AbstractEventLoop) -> None:
         self._owner = owner
-        self._loop = loop
+        self.loop = loop
+        """The event loop of the reader, where outputs are delivered."""
         self.request_ids = list(request_ids)
         self._queue: asyncio.Queue[tuple[str, RequestOutput, float]] = asyncio.Queue()
         self._unfinished = set(self.request_ids)
@@ -118,10 +119,10 @@ class OutputStream:
     def close(self) -> None:
         """Abort the requests that have not finished (the reader is gone). Idempotent."""
         if not self._closed and self._unfinished:
-            self._owner._send(_Abort(sorted(self._unfinished)))
+            self._owner.abort(sorted(self._unfinished))
         self._closed = True
 
-    def _put(self, rid: str, out: RequestOutput, t: float) -> None:
+    def put(self, rid: str, out: RequestOutput, t: float) -> None:
         self._queue.put_nowait((rid, out, t))
 
 
@@ -359,7 +360,7 @@ class AsyncEngine:
             if out.finished:
                 del self._entries[rid]
                 finished += 1
-            loop = entry.stream._loop
+            loop = entry.stream.loop
             per_loop.setdefault(loop, []).append((entry.stream, rid, out, t))
         if finished:
             with self._lock:
@@ -439,4 +440,4 @@ def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, error: BaseEx
 
 def _deliver(batch: list[tuple[OutputStream, str, RequestOutput, float]]) -> None:
     for stream, rid, out, t in batch:
-        stream._put(rid, out, t)
+        stream.put(rid, out, t)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.faults import FaultConfig
+from batchmax.engine.faults import FaultConfig
 
 
 @dataclass
@@ -109,7 +109,7 @@ class EvictionConfig:
     def __post_init__(self) -> None:
         if self.kv_budget is not None and self.kv_budget <= 0:
             raise ValueError(f"kv_budget must be positive, got {self.kv_budget}")
-        from policies import get_policy  # validates the name and the fields up front
+        from batchmax.policies import get_policy  # validates the name and the fields up front
 
         get_policy(self.kv_policy, **self.kv_policy_args)
         if self.recall_attention not in ("compressed", "recalled"):

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import PoolAttention, StepMetadata
-from engine.kv_cache import KVCache
+from batchmax.engine.attention import PoolAttention, StepMetadata
+from batchmax.engine.kv_cache import KVCache
 
 # Batch sizes with a graph (vLLM's are 1, 2, 4 and multiples of 8): finer steps waste fewer
 # padded rows, coarser ones capture faster; a decode step at batch 100 runs as 128 rows here,

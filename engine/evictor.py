@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.attention import PoolAttention
-from engine.eviction import select_keep
-from engine.host_store import HostKVStore, StagedRun
-from engine.kv_cache import KVCache
-from engine.request import Request
-from policies import EvictionPolicy, ScoreContext
+from batchmax.engine.attention import PoolAttention
+from batchmax.engine.eviction import select_keep
+from batchmax.engine.host_store import HostKVStore, StagedRun
+from batchmax.engine.kv_cache import KVCache
+from batchmax.engine.request import Request
+from batchmax.policies import EvictionPolicy, ScoreContext
 
 
 def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
 """A request's KV footprint in tokens per layer: the scheduler's admission unit, and what
-``batchmax plan`` tabulates (DESIGN.md section 1)::
+``batchmax plan`` tabulates (docs/ARCHITECTURE.md, "Footprint and admission")::
 
     full cache               prompt + max_tokens
     eviction in prefill      max(min(prompt, budget + chunk), min(prompt, budget) + max_tokens)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_cache import KVCache
+from batchmax.engine.kv_cache import KVCache
 
 HOST_BLOCK = 1024
 """Tokens per host block. With 256-token blocks and one copy per block, W1's recall issued

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.request import Request
+from batchmax.engine.request import Request
 
 LogprobTensors = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 """``Sampler.logprobs``: chosen (B,), top ids (B, k) or None, top values (B, k) or None."""

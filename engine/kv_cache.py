@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.transfer import PinnedStager
+from batchmax.engine.transfer import PinnedStager
 
 
 @dataclass

@@ -4,10 +4,10 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
+from batchmax.engine.config import EngineConfig
+from batchmax.engine.llm_engine import LLMEngine
+from batchmax.engine.outputs import RequestOutput
+from batchmax.engine.sampling import SamplingParams
 
 
 class LLM:

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
-from engine.default_model import DEFAULT_MODEL_NAME, resolve_model
-from engine.detokenizer import Detokenizer
-from engine.faults import StepError
-from engine.inflight import LogprobTensors, StepInFlight, to_host
-from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput
-from engine.request import FinishReason, Request, TokenLogprob
-from engine.sampling import Sampler, SamplingParams
-from engine.scheduler import Scheduler
-from engine.stats import EngineStats
-from policies import get_policy
+from batchmax.engine.config import EngineConfig
+from batchmax.engine.default_model import DEFAULT_MODEL_NAME, resolve_model
+from batchmax.engine.detokenizer import Detokenizer
+from batchmax.engine.faults import StepError
+from batchmax.engine.inflight import LogprobTensors, StepInFlight, to_host
+from batchmax.engine.model_runner import ModelRunner
+from batchmax.engine.outputs import RequestOutput
+from batchmax.engine.request import FinishReason, Request, TokenLogprob
+from batchmax.engine.sampling import Sampler, SamplingParams
+from batchmax.engine.scheduler import Scheduler
+from batchmax.engine.stats import EngineStats
+from batchmax.policies import get_policy
 
 log = logging.getLogger("batchmax")
 
@@ -345,6 +345,10 @@ class LLMEngine:
         )
 
     # ---- stats ------------------------------------------------------------------------------
+
+    def reset_peak_running_batch(self) -> None:
+        """Start measuring ``peak_running_batch_size`` afresh (benchmarks, after a warm-up)."""
+        self._stats.peak_running_batch_size = 0
 
     def stats(self) -> EngineStats:
         st = self._stats

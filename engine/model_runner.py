@@ -8,16 +8,16 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import PoolAttention, StepMetadata
-from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
-from engine.kv_cache import KVCache
-from engine.triton_attention import HAS_TRITON
-from engine.models.llama import DecoderModel, ModelSpec, load_weights_source, rope_inv_freq
-from engine.evictor import Evictor, QueryWindow
-from engine.host_store import HostKVStore
-from engine.inflight import StepInFlight
-from engine.request import Request
+from batchmax.engine.attention import PoolAttention, StepMetadata
+from batchmax.engine.config import EngineConfig
+from batchmax.engine.cuda_graphs import DecodeGraphs
+from batchmax.engine.evictor import Evictor, QueryWindow
+from batchmax.engine.host_store import HostKVStore
+from batchmax.engine.inflight import StepInFlight
+from batchmax.engine.kv_cache import KVCache
+from batchmax.engine.models.llama import DecoderModel, ModelSpec, load_weights_source, rope_inv_freq
+from batchmax.engine.request import Request
+from batchmax.engine.triton_attention import HAS_TRITON
 
 log = logging.getLogger("batchmax")
 

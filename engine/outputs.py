@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.request import TokenLogprob
+from batchmax.engine.request import TokenLogprob
 
 
 @dataclass

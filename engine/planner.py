@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.footprint import footprint_tokens
-from engine.kv_cache import KVCache
-from engine.models.llama import ModelSpec
+from batchmax.engine.footprint import footprint_tokens
+from batchmax.engine.kv_cache import KVCache
+from batchmax.engine.models.llama import ModelSpec
 
 
 def weight_bytes(spec: ModelSpec, elem: int) -> int:

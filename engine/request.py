@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling import SamplingParams
+from batchmax.engine.sampling import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -6,9 +6,9 @@ Waiting requests are then admitted in arrival order while the budget, ``max_num_
 the pool allow. There are no separate prefill and decode phases: each request's
 ``num_computed_tokens`` simply catches up with its length (vLLM v1).
 
-Admission reserves a request's KV *footprint* (DESIGN.md section 1): with eviction it is
-bounded by ``budget + chunk`` whatever the prompt length, which is what lets Batch-Max run
-larger batches from the same pool. Blocks are still allocated as tokens arrive; when a
+Admission reserves a request's KV *footprint* (docs/ARCHITECTURE.md, "Footprint and
+admission"): with eviction it is bounded by ``budget + chunk`` whatever the prompt length,
+which is what lets Batch-Max run larger batches from the same pool. Blocks are still allocated as tokens arrive; when a
 request cannot grow (only possible when ``decode_reserve_tokens`` under-reserves decode), the
 most recently admitted request is preempted: its blocks are freed and it is recomputed from
 its prompt and the tokens it already generated when it is readmitted.
@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.config import SchedulerConfig
-from engine.footprint import footprint_tokens
-from engine.kv_cache import KVCache
-from engine.request import Request, RequestStatus
+from batchmax.engine.config import SchedulerConfig
+from batchmax.engine.footprint import footprint_tokens
+from batchmax.engine.kv_cache import KVCache
+from batchmax.engine.request import Request, RequestStatus
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Scheduler:
     # ---- footprint --------------------------------------------------------------------------
 
     def footprint_tokens(self, req: Request) -> int:
-        """Most tokens the request will hold in any layer (DESIGN.md section 1)."""
+        """Most tokens the request will hold in any layer (docs/ARCHITECTURE.md, "Footprint and admission")."""
         decode = req.params.max_tokens - req.num_output_tokens
         if self.config.decode_reserve_tokens is not None:
             decode = min(decode, self.config.decode_reserve_tokens)

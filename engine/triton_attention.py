@@ -46,7 +46,7 @@ B=64 x 768 keys 72 us (94%); prefill 16 x 512 over 4096 cached keys 1.64 ms = 35
 
 ``paged_attention`` dispatches: the Triton kernels on CUDA (or on CPU under
 ``TRITON_INTERPRET=1``), otherwise a torch fallback that gathers each request's keys and calls
-``engine.attention.attend_one``. ``paged_attention_ref`` is the float32 oracle for tests.
+``engine/attention_ref.attend_one``. ``paged_attention_ref`` is the float32 oracle for tests.
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
     HAS_TRITON = False
 
-from engine.fused_ops import triton_usable  # noqa: E402
+from batchmax.engine.attention_ref import attend_one
+from batchmax.engine.fused_ops import triton_usable
 
 _LOG2E = 1.4426950408889634
 
@@ -151,7 +152,6 @@ def paged_attention_torch(
 ) -> torch.Tensor:
     """Fallback for devices without Triton: gather each request's keys through its block
     table and run the engine's torch attention (SDPA) in the input dtype."""
-    from engine.attention import attend_one
 
     n, hq, hkv, d, b = _check(q, k_cache, v_cache, block_table, seq_lens, query_start_loc)
     if scale is not None and abs(scale - 1.0 / math.sqrt(d)) > 1e-12:

@@ -1,13 +1,13 @@
 """KV eviction policies: each scores a layer's held keys; the engine keeps the top-k per KV head."""
-from .base import EvictionPolicy, ScoreContext, ScoreResult, attention_received, window_attention
-from .full import FullPolicy
-from .h2o import H2OPolicy
-from .knorm import KNormPolicy
-from .pyramid import PyramidPolicy
-from .registry import available_policies, get_policy
-from .snapkv import SnapKVPolicy
-from .streaming import StreamingPolicy
-from .tova import TOVAPolicy
+from batchmax.policies.base import EvictionPolicy, ScoreContext, ScoreResult, attention_received, window_attention
+from batchmax.policies.full import FullPolicy
+from batchmax.policies.h2o import H2OPolicy
+from batchmax.policies.knorm import KNormPolicy
+from batchmax.policies.pyramid import PyramidPolicy
+from batchmax.policies.registry import available_policies, get_policy
+from batchmax.policies.snapkv import SnapKVPolicy
+from batchmax.policies.streaming import StreamingPolicy
+from batchmax.policies.tova import TOVAPolicy
 
 __all__ = [
     "EvictionPolicy",

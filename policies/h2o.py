@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EvictionPolicy, ScoreContext, ScoreResult, _require_queries, attention_received, positions_per_head
+from batchmax.policies.base import EvictionPolicy, ScoreContext, ScoreResult, _require_queries, attention_received, positions_per_head
 
 
 @dataclass
@@ -21,10 +21,11 @@ class H2OPolicy(EvictionPolicy):
         received = attention_received(ctx)  # (B, H_kv, T), summed over G heads and W queries
         state = received if ctx.state is None else ctx.state.to(torch.float32) + received
         state = state.masked_fill(~ctx.key_mask[:, None, :], 0.0)
-        # Normalise by how many queries could see each key (DESIGN.md §1): a raw sum favours
-        # old keys just for having been seen longer, which after chunked eviction crowds out
-        # the prompt's end. Every query since the request's start has been observed (the
-        # engine's contract for obs_window=None), so key at p was seen by positions p..q_max.
+        # Normalise by how many queries could see each key (docs/ARCHITECTURE.md, "Footprint
+        # and admission"): a raw sum favours old keys just for having been seen longer, which
+        # after chunked eviction crowds out the prompt's end. Every query since the request's
+        # start has been observed (the engine's contract for obs_window=None), so key at p was
+        # seen by positions p..q_max.
         q_max = ctx.query_positions.masked_fill(~ctx.query_mask, -1).amax(dim=1)  # (B,)
         count = (q_max[:, None, None] - positions_per_head(ctx) + 1).clamp_min(1).to(torch.float32)  # (B, H_kv, T)
         return ScoreResult(scores=state / count, state=state)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EvictionPolicy, ScoreContext, ScoreResult
+from batchmax.policies.base import EvictionPolicy, ScoreContext, ScoreResult
 
 
 @dataclass

@@ -20,8 +20,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import EvictionPolicy, ScoreContext, ScoreResult
-from .snapkv import SnapKVPolicy
+from batchmax.policies.base import EvictionPolicy, ScoreContext, ScoreResult
+from batchmax.policies.snapkv import SnapKVPolicy
 
 
 @dataclass

@@ -6,14 +6,14 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-from .base import EvictionPolicy
-from .full import FullPolicy
-from .h2o import H2OPolicy
-from .knorm import KNormPolicy
-from .pyramid import PyramidPolicy
-from .snapkv import SnapKVPolicy
-from .streaming import StreamingPolicy
-from .tova import TOVAPolicy
+from batchmax.policies.base import EvictionPolicy
+from batchmax.policies.full import FullPolicy
+from batchmax.policies.h2o import H2OPolicy
+from batchmax.policies.knorm import KNormPolicy
+from batchmax.policies.pyramid import PyramidPolicy
+from batchmax.policies.snapkv import SnapKVPolicy
+from batchmax.policies.streaming import StreamingPolicy
+from batchmax.policies.tova import TOVAPolicy
 
 _POLICIES: dict[str, type[EvictionPolicy]] = {
     "full": FullPolicy,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import EvictionPolicy, ScoreContext, ScoreResult, _require_queries, attention_received
+from batchmax.policies.base import EvictionPolicy, ScoreContext, ScoreResult, _require_queries, attention_received
 
 
 @dataclass
@@ -18,7 +18,8 @@ class SnapKVPolicy(EvictionPolicy):
     prompts of 396-756 tokens, 25% retained, one eviction after the prompt: 8 queries 9/10,
     16 queries 0/10, 32 queries 0/10 (bench/results/passkey-window-smollm2.md). The prompt's
     last tokens are the chat template's; a wider window is mostly template and filler and
-    drowns the question's signal (DESIGN.md section 1 saw the same with kvpress)."""
+    drowns the question's signal (docs/ARCHITECTURE.md, "Footprint and admission": kvpress
+    showed the same)."""
     kernel: int = 5
     """Max-pool width (odd) over neighbouring key positions."""
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EvictionPolicy, ScoreContext, ScoreResult, positions_per_head
+from batchmax.policies.base import EvictionPolicy, ScoreContext, ScoreResult, positions_per_head
 
 
 @dataclass

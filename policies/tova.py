@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .base import EvictionPolicy, ScoreContext, ScoreResult, _require_queries, window_attention
+from batchmax.policies.base import EvictionPolicy, ScoreContext, ScoreResult, _require_queries, window_attention
 
 
 @dataclass

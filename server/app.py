@@ -7,8 +7,6 @@ so the port answers at once and ``/health`` says 503 until the model is loaded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -19,93 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import AsyncEngine
-from server.metrics import ServerMetrics
-from server.openapi import install_openapi
-from server.protocol import APIError
-from server.settings import ServerSettings
+from batchmax.engine.async_engine import AsyncEngine
+from batchmax.server import routes
+from batchmax.server.context import ServerContext
+from batchmax.server.openapi import install_openapi
+from batchmax.server.protocol import APIError
+from batchmax.server.serving import OpenAIServing
+from batchmax.server.settings import ServerSettings
 
 logger = logging.getLogger("batchmax.server")
-
-
-class ServerContext:
-    """Everything the routes share: the engine, settings, metrics and lifecycle state."""
-
-    def __init__(self, settings: ServerSettings) -> None:
-        self.settings = settings
-        self.engine: AsyncEngine | None = None
-        self.tokenizer = None  # the server's own copy: HF fast tokenizers are not safe to share across threads
-        self.serving = None  # OpenAIServing, once loaded
-        self.metrics = ServerMetrics(self._stats, lambda: self.model_name)
-        self.ready = False
-        self.draining = False
-        self.load_error: BaseException | None = None
-        self.inflight = 0
-        """Generation calls admitted and not yet answered (streams count until they end)."""
-        self.on_fatal: Callable[[], None] | None = None
-        """Called when the model fails to load (the CLI stops the server with it)."""
-
-    def _stats(self):
-        return self.engine.stats() if self.engine is not None else None
-
-    @property
-    def model_name(self) -> str:
-        if self.settings.served_model_name:
-            return self.settings.served_model_name
-        return self.engine.model_name if self.engine is not None else "unknown"
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    def attach(self, engine: Any) -> None:
-        """Take a loaded engine (sync or async) and become ready."""
-        from server.serving import OpenAIServing
-
-        if not isinstance(engine, AsyncEngine):
-            engine = AsyncEngine(engine)
-        if engine.on_step is None:
-            engine.on_step = self.metrics.on_step
-        self.engine = engine
-        try:
-            self.tokenizer = copy.deepcopy(engine.tokenizer)  # None: a tokenizer-less engine
-        except Exception:  # some tokenizers cannot be copied; share it then
-            self.tokenizer = engine.tokenizer
-        self.serving = OpenAIServing(self)
-        self.metrics.init_labels()
-        self.ready = True
-
-    # ---------------------------------------------------------------- admission
-    def admit(self, n: int = 1) -> "Ticket":
-        """Let a generation call in, or refuse it with 503 (loading, draining, queue full)."""
-        retry = {"Retry-After": str(self.settings.retry_after_s)}
-        if self.draining:
-            self.metrics.rejected("draining")
-            raise APIError(503, "The server is shutting down.", "server_error", code="server_shutting_down", headers=retry)
-        if not self.ready:
-            self.metrics.rejected("loading")
-            raise APIError(503, "The model is still loading.", "server_error", code="model_loading", headers=retry)
-        if self.engine.num_waiting >= self.settings.max_queued:
-            self.metrics.rejected("queue_full")
-            raise APIError(
-                503, f"The server is overloaded: {self.engine.num_waiting} requests are already queued. Retry later.",
-                "server_error", code="queue_full", headers=retry,
-            )
-        self.inflight += 1
-        return Ticket(self)
-
-
-class Ticket:
-    """One admitted generation call; ``release()`` (idempotent) when its response has ended."""
-
-    def __init__(self, ctx: ServerContext) -> None:
-        self.ctx = ctx
-        self.released = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.ctx.inflight -= 1
 
 
 def _error(err: APIError) -> JSONResponse:
@@ -113,8 +33,6 @@ def _error(err: APIError) -> JSONResponse:
 
 
 def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
-    from server import routes
-
     settings = settings or ServerSettings()
     ctx = ServerContext(settings)
 
@@ -122,7 +40,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         loader = None
         if isinstance(engine, AsyncEngine) or hasattr(engine, "step"):
-            ctx.attach(engine)
+            ctx.attach(engine, OpenAIServing)
         else:  # a factory: load in a thread while the port already answers (503)
             loader = asyncio.create_task(_load(ctx, engine))
         try:
@@ -169,7 +87,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
 async def _load(ctx: ServerContext, factory: Callable[[], Any]) -> None:
     try:
         engine = await asyncio.to_thread(factory)
-        ctx.attach(engine)
+        ctx.attach(engine, OpenAIServing)
         logger.info("model %s loaded; ready", ctx.model_name)
     except asyncio.CancelledError:
         raise
@@ -204,12 +122,3 @@ async def drain(app: FastAPI, timeout: float) -> bool:
     while busy() and loop.time() < grace:
         await asyncio.sleep(0.05)
     return False
-
-
-def version() -> str:
-    with contextlib.suppress(Exception):
-        from importlib.metadata import version as v
-
-        return v("batchmax")
-    return "0.1.0"
-

@@ -1,5 +1,5 @@
-"""The ``batchmax`` command: ``generate`` (offline), ``serve`` (HTTP), ``plan`` (capacity),
-``bench serve`` (load generator)."""
+"""The ``batchmax`` command: ``generate`` (offline), ``serve`` (HTTP), ``plan`` (capacity).
+The load generator is a bench script, not part of the product: ``python -m bench.serve_load``."""
 from __future__ import annotations
 
 import argparse
@@ -71,7 +71,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine import LLM, SamplingParams
+    from batchmax.engine import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs(args))
     prompts = args.prompt
@@ -92,8 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from engine.config import EngineConfig
-    from server.settings import ServerSettings
+    from batchmax.engine.config import EngineConfig
+    from batchmax.server.settings import ServerSettings
 
     try:  # bad options fail here, before the port opens
         settings = ServerSettings(
@@ -114,11 +114,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def load():
-        from engine import LLMEngine
+        from batchmax.engine import LLMEngine
 
         return LLMEngine(config)
 
-    from server.app import build_app
+    from batchmax.server.app import build_app
 
     app = build_app(load, settings)
     return _run_uvicorn(app, settings)
@@ -129,7 +129,7 @@ def _run_uvicorn(app, settings) -> int:
 
     import uvicorn
 
-    from server.app import drain
+    from batchmax.server.app import drain
 
     class DrainingServer(uvicorn.Server):
         """uvicorn, except that the first SIGTERM/SIGINT drains the app before exiting."""
@@ -175,14 +175,13 @@ def _run_uvicorn(app, settings) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoConfig
 
-    from engine.default_model import resolve_model
-    from engine.models.llama import ModelSpec
-    from engine.planner import make_plan
-    from engine.model_runner import resolve_dtype
-
-    import torch
+    from batchmax.engine.default_model import resolve_model
+    from batchmax.engine.model_runner import resolve_dtype
+    from batchmax.engine.models.llama import ModelSpec
+    from batchmax.engine.planner import make_plan
 
     spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(resolve_model(args.model)))
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))
@@ -193,21 +192,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{args.prompt_len}-token prompts -> {args.max_tokens} tokens, chunk {args.chunk}, {args.gpu_mem_gb:g} GB GPU, {dtype}")
     print(plan.table())
     return 0
-
-
-def cmd_bench_serve(argv: list[str]) -> int:
-    """``batchmax bench serve ...``: the load generator, ``bench/serve_load.py``, which lives in
-    the repository checkout (an editable install), not in the installed packages."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "bench" / "serve_load.py").is_file():
-        print("batchmax bench serve: bench/serve_load.py not found; run it from a checkout of the repository", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(root))
-    from bench.serve_load import main as serve_load
-
-    return serve_load(argv, prog="batchmax bench serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,18 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
-    b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench", required=True)
-    bs = bsub.add_parser("serve", add_help=False, help="load-test a running OpenAI-compatible server (bench/serve_load.py; --help for its options)")
-    bs.add_argument("args", nargs=argparse.REMAINDER)  # main() hands them over untouched
-    bs.set_defaults(func=lambda a: cmd_bench_serve(a.args))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["bench", "serve"]:  # every option, --help included, is the load generator's
-        return cmd_bench_serve(argv[2:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

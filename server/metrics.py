@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.outputs import RequestOutput
-from engine.stats import EngineStats
+from batchmax.engine.outputs import RequestOutput
+from batchmax.engine.stats import EngineStats
 
 PREFIX = "batchmax:"
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -36,11 +36,11 @@ class EngineStatsCollector(Collector):
 
     def __init__(self, stats: Callable[[], EngineStats | None], model_name: Callable[[], str]) -> None:
         self._stats = stats
-        self._model_name = model_name
+        self.model_name = model_name
 
     def collect(self):
         st = self._stats() or EngineStats()
-        label = [self._model_name()]
+        label = [self.model_name()]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
@@ -75,7 +75,7 @@ class ServerMetrics:
 
     def __init__(self, stats: Callable[[], EngineStats | None], model_name: Callable[[], str]) -> None:
         self.registry = CollectorRegistry()
-        self._model_name = model_name
+        self.model_name = model_name
         self.registry.register(EngineStatsCollector(stats, model_name))
         labels = ["model_name"]
         r = self.registry
@@ -92,7 +92,7 @@ class ServerMetrics:
     def init_labels(self) -> None:
         """Create every labelled child at 0 (once the model name is known), so a scrape shows
         each series from the start and rates/diffs need no special case."""
-        name = self._model_name()
+        name = self.model_name()
         for reason in FINISH_REASONS:
             self.request_success.labels(name, reason)
         for reason in ("queue_full", "draining", "loading"):
@@ -103,10 +103,10 @@ class ServerMetrics:
     def on_step(self, stats: EngineStats) -> None:
         """Called in the engine thread after each step (prometheus-client is thread-safe)."""
         if stats.last_step_tokens:
-            self.iteration_tokens.labels(self._model_name()).observe(stats.last_step_tokens)
+            self.iteration_tokens.labels(self.model_name()).observe(stats.last_step_tokens)
 
     def rejected(self, reason: str) -> None:
-        self.requests_rejected.labels(self._model_name(), reason).inc()
+        self.requests_rejected.labels(self.model_name(), reason).inc()
 
     def tracker(self, start: float | None = None) -> "RequestTracker":
         return RequestTracker(self, start)
@@ -126,7 +126,7 @@ class RequestTracker:
 
     def __init__(self, metrics: ServerMetrics, start: float | None = None) -> None:
         self.m = metrics
-        self.name = metrics._model_name()
+        self.name = metrics.model_name()
         self.start = time.monotonic() if start is None else start
         self.num_tokens = 0
         self.last_t: float | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from server.protocol import APIError
+from batchmax.server.protocol import APIError
 
 
 def too_large(limit: int) -> APIError:

@@ -3,13 +3,15 @@ error is OpenAI-shaped with status 400, where FastAPI's automatic validation wou
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.app import ServerContext, version
-from server.protocol import (
+from batchmax.server.context import ServerContext
+from batchmax.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -19,8 +21,9 @@ from server.protocol import (
     TokenizeRequest,
     bad_request,
 )
-from server.request_body import read_body
-from server.serving import ClientGone, OpenAIServing, SSEResponse, parse_body
+from batchmax.server.request_body import read_body
+from batchmax.server.serving import ClientGone, OpenAIServing, SSEResponse, parse_body
+from batchmax.server.version import version
 
 
 def _ctx(request: Request) -> ServerContext:
@@ -95,13 +98,13 @@ async def model(model_id: str, request: Request) -> Response:
     return JSONResponse(ModelCard(id=ctx.model_name, root=ctx.model_name, max_model_len=ctx.max_model_len).model_dump())
 
 
-async def _generate(request: Request, model_cls, handler_name: str) -> Response:
+async def _generate(request: Request, model_cls, handler: Callable[[OpenAIServing, Any, Request], Awaitable[Response]]) -> Response:
     ctx = _ctx(request)
     body = parse_body(await read_body(request, ctx.settings.max_body_bytes), model_cls)
     ticket = ctx.admit()
     try:
         _check_model(ctx, body.model)
-        resp = await getattr(ctx.serving, handler_name)(body, request)
+        resp = await handler(ctx.serving, body, request)
     except ClientGone:
         ticket.release()
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
@@ -117,12 +120,12 @@ async def _generate(request: Request, model_cls, handler_name: str) -> Response:
 
 @protected.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    return await _generate(request, CompletionRequest, "create_completion")
+    return await _generate(request, CompletionRequest, OpenAIServing.create_completion)
 
 
 @protected.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    return await _generate(request, ChatCompletionRequest, "create_chat_completion")
+    return await _generate(request, ChatCompletionRequest, OpenAIServing.create_chat_completion)
 
 
 @protected.post("/tokenize")
@@ -132,7 +135,7 @@ async def tokenize(request: Request) -> Response:
     serving = _ready(ctx)
     _check_model(ctx, body.model)
     if body.messages is not None:
-        tokens = await serving.off_loop(serving._chat_prompt, serving.chat_messages(body), body)
+        tokens = await serving.off_loop(serving.chat_prompt, serving.chat_messages(body), body)
     else:
         tok = serving.tokenizer("prompt")
         tokens = await serving.off_loop(tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)

@@ -30,12 +30,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.responses import StreamingResponse
 
-from engine.async_engine import EngineDeadError, OutputStream
-from engine.outputs import RequestOutput
-from engine.request import TokenLogprob
-from engine.sampling import SamplingParams
-from server.metrics import RequestTracker
-from server.protocol import (
+from batchmax.engine.async_engine import EngineDeadError, OutputStream
+from batchmax.engine.outputs import RequestOutput
+from batchmax.engine.request import TokenLogprob
+from batchmax.engine.sampling import SamplingParams
+from batchmax.server.metrics import RequestTracker
+from batchmax.server.protocol import (
     APIError,
     ChatChoice,
     ChatChoiceLogprobs,
@@ -54,7 +54,7 @@ from server.protocol import (
 )
 
 if TYPE_CHECKING:
-    from server.app import ServerContext
+    from batchmax.server.context import ServerContext
 
 logger = logging.getLogger("batchmax.server")
 
@@ -464,7 +464,7 @@ class OpenAIServing:
         return JSONResponse(resp.model_dump())
 
     # ---------------------------------------------------------------- chat
-    def _chat_prompt(self, messages: list[dict], body) -> list[int]:
+    def chat_prompt(self, messages: list[dict], body) -> list[int]:
         tok = self.tokenizer("messages")
         if not getattr(tok, "chat_template", None):
             raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
@@ -497,7 +497,7 @@ class OpenAIServing:
     async def create_chat_completion(self, body: ChatCompletionRequest, request: Request) -> Response:
         start = time.monotonic()
         self._check_common(body)
-        prompt_ids = await self.off_loop(self._chat_prompt, self.chat_messages(body), body)
+        prompt_ids = await self.off_loop(self.chat_prompt, self.chat_messages(body), body)
         if not prompt_ids:
             raise bad_request("The messages are empty.", param="messages")
         max_tokens = body.max_new_tokens

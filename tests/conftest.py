@@ -7,7 +7,7 @@ from tests.tiny_models import build_tiny_model
 
 @pytest.fixture(scope="session")
 def default_model_path():
-    from engine.default_model import default_model_dir
+    from batchmax.engine.default_model import default_model_dir
 
     return default_model_dir()
 

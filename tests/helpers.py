@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from engine.attention import PoolAttention
+from batchmax.engine.attention import PoolAttention
 
 
 @functools.lru_cache(maxsize=8)

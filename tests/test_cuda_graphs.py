@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.cuda_graphs import DecodeGraphs, graph_buckets
-from engine.transfer import PinnedStager
+from batchmax.engine import LLM, SamplingParams
+from batchmax.engine.cuda_graphs import DecodeGraphs, graph_buckets
+from batchmax.engine.transfer import PinnedStager
 from tests.helpers import random_prompts
 from tests.tiny_models import build_tiny_model
 

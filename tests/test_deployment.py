@@ -186,10 +186,10 @@ def build_context_files() -> list[str]:
 def serve_args(extra: list[str]) -> "object":
     """``batchmax serve`` options as the image runs them (its entrypoint, then ``extra``),
     parsed by the real CLI parser and turned into the real configs (which validate them)."""
-    from engine.config import EngineConfig
-    from policies.registry import available_policies
-    from server.cli import build_parser, engine_kwargs
-    from server.settings import ServerSettings
+    from batchmax.engine.config import EngineConfig
+    from batchmax.policies.registry import available_policies
+    from batchmax.server.cli import build_parser, engine_kwargs
+    from batchmax.server.settings import ServerSettings
 
     entry = exec_form(dict(stages(DOCKERFILES["cpu"])[-1])["ENTRYPOINT"])
     args = build_parser().parse_args(entry[1:] + extra)
@@ -229,7 +229,7 @@ def exported_metric_names() -> set[str]:
     """Every sample name the server's /metrics exposes (its real collectors, no engine)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from server.metrics import ServerMetrics
+    from batchmax.server.metrics import ServerMetrics
 
     m = ServerMetrics(lambda: None, lambda: "m")
     m.init_labels()
@@ -637,7 +637,7 @@ def test_install_cpu_script_in_fresh_venv(tmp_path):
     assert r.returncode == 0, log.read_text()[-6000:]
     assert (cache / "models" / "SmolLM2-135M-Instruct" / ".complete").is_file()
     py = venv / "bin" / "python"
-    r = subprocess.run([str(py), "-c", "import engine, torch; print(engine.__file__); print(torch.version.cuda)"],
+    r = subprocess.run([str(py), "-c", "import batchmax.engine, torch; print(batchmax.engine.__file__); print(torch.version.cuda)"],
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     where, cuda = r.stdout.split()

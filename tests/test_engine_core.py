@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, LLMEngine, EngineConfig, SamplingParams
+from batchmax.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from tests.helpers import hf_greedy, random_prompts
 
 LENGTHS = [1, 3, 17, 64, 65, 130, 200, 300]  # chunk 64: most prompts span several chunks
@@ -82,7 +82,7 @@ def test_seeded_sampling_reproducible_and_batch_independent(tiny_llama):
 def test_sampler_reads_bf16_logits_as_their_float32_copy():
     """The LM head's logits stay in the model's dtype (no float32 copy of (B, V) per step):
     greedy picks, suppression and seeded sampling give what the float32 copy gives."""
-    from engine.sampling import Sampler
+    from batchmax.engine.sampling import Sampler
 
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(6, 500, generator=g) * 4).to(torch.bfloat16)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, LLMEngine, EngineConfig, SamplingParams
-from policies import available_policies, get_policy
+from batchmax.engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from batchmax.policies import available_policies, get_policy
 from tests.helpers import PeakRecorder, random_prompts
 
 EVICTING = [p for p in available_policies() if get_policy(p).evicts]
@@ -161,8 +161,8 @@ def test_bad_policy_or_budget_is_a_clear_error(tiny_llama):
 
 
 def test_plan_command_table(capsys):
+    from batchmax.server.cli import main
     from bench.models import LLAMA3_8B, shape_only_model
-    from server.cli import main
 
     main(["plan", "--model", shape_only_model(LLAMA3_8B), "--gpu-mem-gb", "80", "--prompt-len", "4096", "--max-tokens", "256", "--budget", "512", "1024", "--chunk", "512"])
     out = capsys.readouterr().out

@@ -11,7 +11,7 @@ from bench.tasks import GENERATORS, ScoredTask, task_suite
 
 @pytest.fixture(scope="module")
 def llm(default_model_path):
-    from engine import LLM
+    from batchmax.engine import LLM
 
     return LLM(str(default_model_path), device="cpu", chunk_size=128, max_num_batched_tokens=2048)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.fused_ops import HAS_TRITON, rms_norm, rms_norm_ref, rotary, rotary_qk, rotary_ref, silu_mul, store_kv
+from batchmax.engine.fused_ops import HAS_TRITON, rms_norm, rms_norm_ref, rotary, rotary_qk, rotary_ref, silu_mul, store_kv
 
 interpret = pytest.mark.skipif(
     not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from engine.eviction import select_keep
-from policies import (
+from batchmax.engine.eviction import select_keep
+from batchmax.policies import (
     EvictionPolicy,
     H2OPolicy,
     KNormPolicy,

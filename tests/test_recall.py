@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, LLMEngine, EngineConfig, SamplingParams
+from batchmax.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from tests.helpers import PeakRecorder, random_prompts
 
 BUDGET = 64
@@ -104,7 +104,7 @@ def test_recall_per_request_switch(tiny_llama):
 def _kept_many(path, prompts, policy, **kw):
     """Kept positions (per request, layer, KV head) once every prompt is read, and the peak
     number of parked tokens any step held on the device."""
-    from engine import evictor as evictor_mod
+    from batchmax.engine import evictor as evictor_mod
 
     peaks, loads = [], []
     finish, load = evictor_mod.Evictor.finish, evictor_mod.HostKVStore.load
@@ -158,7 +158,7 @@ def test_host_store_contiguous_runs_and_round_trip():
     """A reservation takes one contiguous run of blocks when there is one, so a layer's parked
     run is one slice (one copy per tensor); parks append, and a group load returns every
     request's run in order, also when the free blocks are fragmented."""
-    from engine.host_store import HOST_BLOCK, HostKVStore
+    from batchmax.engine.host_store import HOST_BLOCK, HostKVStore
 
     H, D = 2, 4
     store = HostKVStore(2, H, D, 8 * HOST_BLOCK, torch.float32, torch.device("cpu"), stage_tokens=4096)

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from engine.triton_attention import (
+from batchmax.engine.triton_attention import (
     HAS_TRITON,
     paged_attention,
     paged_attention_ref,
@@ -143,7 +143,7 @@ def test_scale_and_out_arguments():
 def test_ref_agrees_with_pool_attention():
     """The oracle computes what the engine's torch path (PoolAttention / attend_one over the
     slot table) computes, so the kernels are held to the engine's own numbers."""
-    from engine.attention import attend_one
+    from batchmax.engine.attention_ref import attend_one
 
     case = make_case([1, 6, 1], [50, 30, 7], 9, 3, 64, 16, seed=11)
     ref = paged_attention_ref(**case)
@@ -168,7 +168,7 @@ needs_gpu = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), r
 @interpret
 @pytest.mark.parametrize("name", ["decode_smollm", "prefill_with_prefix", "mixed", "mha_block8"])
 def test_interpret_kernel(name):
-    from engine.triton_attention import paged_attention_triton
+    from batchmax.engine.triton_attention import paged_attention_triton
 
     q_lens, seq_lens, hq, hkv, d, bs = CASES[name]
     case = make_case(q_lens, seq_lens, hq, hkv, d, bs, seed=5)
@@ -186,7 +186,7 @@ def test_interpret_kernel(name):
 def test_interpret_decode_first(splits):
     """``num_decodes``: the leading single-token requests in the decode kernel, the rest in
     the prefill kernel (two launches writing disjoint rows of one output)."""
-    from engine.triton_attention import paged_attention_triton
+    from batchmax.engine.triton_attention import paged_attention_triton
 
     case = make_case([1, 1, 1, 70, 19, 1], [300, 5, 64, 170, 19, 40], 9, 3, 64, 16, seed=11)
     ref = paged_attention_ref(**case)
@@ -218,7 +218,7 @@ def test_gpu_kernel_bf16(hq, hkv, d, kind, splits):
     case = _gpu_case(ql, seq, hq, hkv, d, seed=len(seq))
     ref = paged_attention_ref(**case, out=torch.empty(case["q"].shape, dtype=torch.float32, device="cuda"))
     out = torch.full_like(case["q"], float("nan"))  # every element must be written
-    from engine.triton_attention import paged_attention_triton
+    from batchmax.engine.triton_attention import paged_attention_triton
 
     paged_attention_triton(**case, out=out, config=None if splits is None else {"num_splits": splits})
     torch.cuda.synchronize()
@@ -237,8 +237,8 @@ def test_gpu_kernel_bf16(hq, hkv, d, kind, splits):
 def test_step_metadata_kernel_arguments_are_row_major(tiny_llama):
     """The kernel reads seq_lens and the block table by raw pointer: each layer's row must be
     contiguous and hold held + new tokens (a transposed (L, B) tensor once broke this)."""
-    from engine import EngineConfig, LLMEngine, SamplingParams
-    from engine.attention import StepMetadata
+    from batchmax.engine import EngineConfig, LLMEngine, SamplingParams
+    from batchmax.engine.attention import StepMetadata
 
     eng = LLMEngine(EngineConfig.from_kwargs(model=str(tiny_llama), device="cpu", num_tokens=4096, chunk_size=16))
     for i, n in enumerate([40, 7, 23]):
@@ -262,7 +262,7 @@ def test_engine_through_the_kernel_interface_matches_reference(tiny_llama):
     """With ``fused`` on, PoolAttention calls ``paged_attention`` with the step's block table,
     per-layer seq_lens and query offsets; on the CPU that dispatches to the torch fallback, so
     the integration is checked token-exactly here and the kernels themselves on the GPU."""
-    from engine import LLM, SamplingParams
+    from batchmax.engine import LLM, SamplingParams
     from tests.helpers import random_prompts
 
     prompts = random_prompts([200, 65, 1, 130], seed=13)

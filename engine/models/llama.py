@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.fused_ops import rms_norm, rotary_qk, silu_mul
+from batchmax.engine.fused_ops import rms_norm, rotary_qk, silu_mul
 
 
 @dataclass(frozen=True)

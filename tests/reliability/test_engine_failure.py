@@ -10,8 +10,8 @@ import threading
 import httpx
 import pytest
 
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.async_engine import AsyncEngine
+from batchmax.engine import EngineConfig, LLMEngine, SamplingParams
+from batchmax.engine.async_engine import AsyncEngine
 from tests.reliability.conftest import assert_idle_and_serving, metric_delta
 from tests.server.conftest import start_server
 

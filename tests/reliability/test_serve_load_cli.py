@@ -1,4 +1,4 @@
-"""``batchmax bench serve`` (bench/serve_load.py) end to end: against the running server and,
+"""The load generator, ``python -m bench.serve_load``, end to end: against the running server and,
 with ``--compare-offline``, the offline engine on the same workload."""
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from tests.server.conftest import REPO, free_port
 
 def bench_serve(*args: str) -> subprocess.CompletedProcess:
     # PASSIVE: see bench/results/reliability-2026-11-25.md (OpenMP spin-waiting on a shared CPU)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "server.cli", "bench", "serve", "--no-progress", *args],
+    # run from the checkout's root, where ``bench`` is importable (it is not installed)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "bench.serve_load", "--no-progress", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -28,7 +28,7 @@ class ServerProc:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         model_args = [] if model is None else ["--model", str(model)]  # None: the default model
-        cmd = [sys.executable, "-m", "server.cli", "serve", *model_args, "--device", "cpu",
+        cmd = [sys.executable, "-m", "batchmax.server.cli", "serve", *model_args, "--device", "cpu",
                "--port", str(self.port), "--log-level", "warning", *extra]
         env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
         self._log = open(log_path, "wb")

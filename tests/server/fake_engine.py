@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
-from engine.stats import EngineStats
+from batchmax.engine.outputs import RequestOutput
+from batchmax.engine.sampling import SamplingParams
+from batchmax.engine.stats import EngineStats
 
 
 @dataclass

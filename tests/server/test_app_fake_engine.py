@@ -10,8 +10,8 @@ import httpx
 import pytest
 import uvicorn
 
-from server.app import build_app
-from server.settings import ServerSettings
+from batchmax.server.app import build_app
+from batchmax.server.settings import ServerSettings
 from tests.server.conftest import free_port
 from tests.server.fake_engine import FakeEngine
 

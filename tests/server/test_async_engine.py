@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.async_engine import AsyncEngine, EngineDeadError
+from batchmax.engine import EngineConfig, LLMEngine, SamplingParams
+from batchmax.engine.async_engine import AsyncEngine, EngineDeadError
 from tests.server.fake_engine import FakeEngine
 
 

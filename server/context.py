@@ -1,0 +1,92 @@
+"""``ServerContext``: what the routes and handlers share (engine, settings, metrics,
+lifecycle state), and admission of generation calls. The app (``app.py``) builds one; routes
+and serving read it, so neither imports the module that assembles the app."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from batchmax.engine.async_engine import AsyncEngine
+from batchmax.server.metrics import ServerMetrics
+from batchmax.server.protocol import APIError
+from batchmax.server.settings import ServerSettings
+
+
+class ServerContext:
+    """Everything the routes share: the engine, settings, metrics and lifecycle state."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.engine: AsyncEngine | None = None
+        self.tokenizer = None  # the server's own copy: HF fast tokenizers are not safe to share across threads
+        self.serving = None  # OpenAIServing, once loaded
+        self.metrics = ServerMetrics(self._stats, lambda: self.model_name)
+        self.ready = False
+        self.draining = False
+        self.load_error: BaseException | None = None
+        self.inflight = 0
+        """Generation calls admitted and not yet answered (streams count until they end)."""
+        self.on_fatal: Callable[[], None] | None = None
+        """Called when the model fails to load (the CLI stops the server with it)."""
+
+    def _stats(self):
+        return self.engine.stats() if self.engine is not None else None
+
+    @property
+    def model_name(self) -> str:
+        if self.settings.served_model_name:
+            return self.settings.served_model_name
+        return self.engine.model_name if self.engine is not None else "unknown"
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def attach(self, engine: Any, make_serving: Callable[["ServerContext"], Any]) -> None:
+        """Take a loaded engine (sync or async) and become ready; ``make_serving(ctx)`` builds
+        the request handlers (``OpenAIServing``), which read this context."""
+        if not isinstance(engine, AsyncEngine):
+            engine = AsyncEngine(engine)
+        if engine.on_step is None:
+            engine.on_step = self.metrics.on_step
+        self.engine = engine
+        try:
+            self.tokenizer = copy.deepcopy(engine.tokenizer)  # None: a tokenizer-less engine
+        except Exception:  # some tokenizers cannot be copied; share it then
+            self.tokenizer = engine.tokenizer
+        self.serving = make_serving(self)
+        self.metrics.init_labels()
+        self.ready = True
+
+    # ---------------------------------------------------------------- admission
+    def admit(self, n: int = 1) -> "Ticket":
+        """Let a generation call in, or refuse it with 503 (loading, draining, queue full)."""
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        if self.draining:
+            self.metrics.rejected("draining")
+            raise APIError(503, "The server is shutting down.", "server_error", code="server_shutting_down", headers=retry)
+        if not self.ready:
+            self.metrics.rejected("loading")
+            raise APIError(503, "The model is still loading.", "server_error", code="model_loading", headers=retry)
+        if self.engine.num_waiting >= self.settings.max_queued:
+            self.metrics.rejected("queue_full")
+            raise APIError(
+                503, f"The server is overloaded: {self.engine.num_waiting} requests are already queued. Retry later.",
+                "server_error", code="queue_full", headers=retry,
+            )
+        self.inflight += 1
+        return Ticket(self)
+
+
+class Ticket:
+    """One admitted generation call; ``release()`` (idempotent) when its response has ended."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.ctx.inflight -= 1
