@@ -50,14 +50,21 @@ class CacheConfig:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
 
+def default_batched_tokens(device_type: str) -> int:
+    """``SchedulerConfig.max_num_batched_tokens`` when unset, by device type."""
+    return 8192 if device_type == "cuda" else 2048
+
+
 @dataclass
 class SchedulerConfig:
     """Continuous batching with chunked prefill (vLLM v1 style: one token budget per step)."""
 
     max_num_seqs: int = 256
     """Most requests running (holding KV) at once."""
-    max_num_batched_tokens: int = 2048
-    """Token budget of one step: decode tokens plus prefill chunks."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step: decode tokens plus prefill chunks. ``None``: the device's
+    default, ``default_batched_tokens()`` (8,192 on CUDA, as vLLM's server on a large GPU;
+    2,048 on the CPU, where a step's cost grows with its tokens and latency with it)."""
     chunk_size: int = 512
     """Most prompt tokens of one request processed in one step. With eviction this is the
     Batch-Max chunk: each layer evicts down to its budget after every chunk."""
@@ -76,7 +83,7 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_size"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.decode_reserve_tokens is not None and self.decode_reserve_tokens < 0:
             raise ValueError("decode_reserve_tokens must be >= 0")
@@ -132,6 +139,10 @@ class EngineConfig:
     """``auto`` reads the checkpoint; ``dummy`` initialises random weights (benchmarks)."""
     skip_tokenizer_init: bool = False
     """Run without a tokenizer: prompts must be token ids and outputs carry no text."""
+    detokenize: bool = True
+    """Decode output text and check stop strings in the engine. ``False``: outputs carry token
+    ids only (empty text) and stop strings are not checked here; the engine-core process runs
+    so, because its front end (``core_client.py``) decodes and checks them."""
     attention_backend: str = "auto"
     """``auto`` (the fused Triton kernels on CUDA when Triton is installed, else torch),
     ``triton`` or ``torch`` (the reference: SDPA per request over gathered K/V)."""

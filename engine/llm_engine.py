@@ -2,6 +2,7 @@
 (``LLM`` offline, ``AsyncEngine``'s loop thread online); nothing here knows about HTTP."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from batchmax.engine.config import EngineConfig
+from batchmax.engine.config import EngineConfig, default_batched_tokens
 from batchmax.engine.default_model import DEFAULT_MODEL_NAME, resolve_model
 from batchmax.engine.detokenizer import Detokenizer
 from batchmax.engine.faults import StepError
@@ -42,6 +43,9 @@ class LLMEngine:
             # batchmax attends to the whole (possibly evicted) cache; stay where that is exact
             self.max_model_len = min(self.max_model_len, sliding)
         sc = config.scheduler
+        if sc.max_num_batched_tokens is None:  # the device's default, now that the device is known
+            sc = dataclasses.replace(sc, max_num_batched_tokens=default_batched_tokens(self.runner.device.type))
+        self.scheduler_config = sc
         useful = sc.max_num_seqs * self.max_model_len + sc.chunk_size
         self.cache = self.runner.allocate_cache(self.runner.pool_tokens(useful))
         # a request's blocks cover at most max_model_len tokens plus one chunk being evicted
@@ -141,7 +145,7 @@ class LLMEngine:
         if req.recall:
             self._ensure_host_store()
         self.requests[request_id] = req
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.config.detokenize:
             self.detok[request_id] = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         self.scheduler.add(req)
 

@@ -1,7 +1,8 @@
 """The FastAPI app: ``build_app(engine, settings)``, its lifespan, error handlers and drain.
 
-``engine`` may be an ``AsyncEngine``, a synchronous ``LLMEngine`` (wrapped here), or a
-zero-argument factory returning either. A factory runs in a worker thread after startup,
+``engine`` may be an ``EngineCoreClient`` (the engine core in its own process, what
+``batchmax serve`` runs), an ``AsyncEngine``, a synchronous ``LLMEngine`` (driven from a thread
+here), or a zero-argument factory returning one of them. A factory runs in a worker thread after startup,
 so the port answers at once and ``/health`` says 503 until the model is loaded.
 """
 from __future__ import annotations
@@ -17,7 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from batchmax.engine.async_engine import AsyncEngine
 from batchmax.server import routes
 from batchmax.server.context import ServerContext
 from batchmax.server.openapi import install_openapi
@@ -39,7 +39,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = None
-        if isinstance(engine, AsyncEngine) or hasattr(engine, "step"):
+        if hasattr(engine, "add") or hasattr(engine, "step"):  # an engine, not a factory
             ctx.attach(engine, OpenAIServing)
         else:  # a factory: load in a thread while the port already answers (503)
             loader = asyncio.create_task(_load(ctx, engine))

@@ -13,8 +13,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--chunk", dest="chunk_size", type=int, default=512, help="prefill chunk (tokens of one request per step)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step, decode tokens plus prefill chunks (default: 8192 on CUDA, 2048 on the CPU)")
     p.add_argument("--kv-tokens", dest="num_tokens", type=int, default=None, help="KV pool capacity in tokens per layer")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-policy", default="full", help="default eviction policy")
@@ -114,9 +115,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def load():
-        from batchmax.engine import LLMEngine
+        # the engine core in a process of its own, which owns the device (engine/core_client.py)
+        from batchmax.engine.core_client import EngineCoreClient
 
-        return LLMEngine(config)
+        return EngineCoreClient(config, log_level=args.log_level)
 
     from batchmax.server.app import build_app
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from batchmax.engine.async_engine import AsyncEngine
+from batchmax.engine.core_client import EngineCoreClient
 from batchmax.server.metrics import ServerMetrics
 from batchmax.server.protocol import APIError
 from batchmax.server.settings import ServerSettings
@@ -18,7 +19,7 @@ class ServerContext:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.engine: AsyncEngine | None = None
+        self.engine: AsyncEngine | EngineCoreClient | None = None
         self.tokenizer = None  # the server's own copy: HF fast tokenizers are not safe to share across threads
         self.serving = None  # OpenAIServing, once loaded
         self.metrics = ServerMetrics(self._stats, lambda: self.model_name)
@@ -46,7 +47,7 @@ class ServerContext:
     def attach(self, engine: Any, make_serving: Callable[["ServerContext"], Any]) -> None:
         """Take a loaded engine (sync or async) and become ready; ``make_serving(ctx)`` builds
         the request handlers (``OpenAIServing``), which read this context."""
-        if not isinstance(engine, AsyncEngine):
+        if hasattr(engine, "step"):  # a synchronous engine: drive it from a thread here
             engine = AsyncEngine(engine)
         if engine.on_step is None:
             engine.on_step = self.metrics.on_step

@@ -7,14 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sysconfig.get_path("scripts"))
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -60,7 +58,8 @@ def test_wheel_in_fresh_venv(wheel, tmp_path):
     assert r.returncode == 0, r.stderr
     py = venv / "bin" / "python"
     site = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip()
-    (Path(site) / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (Path(site) / "deps.pth").write_text("\n".join(deps) + "\n")
     r = _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)])
     assert r.returncode == 0, r.stdout + r.stderr
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -75,7 +74,8 @@ def test_wheel_in_fresh_venv(wheel, tmp_path):
 
 def _lint_imports(site: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(site))
-    return _run([str(BIN / "lint-imports"), str(REPO / "pyproject.toml"), "--no-cache"], cwd=site, env=env)
+    cli = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return _run([sys.executable, "-c", cli, str(REPO / "pyproject.toml"), "--no-cache"], cwd=site, env=env)
 
 
 def test_layers_contract(unpacked):
@@ -99,7 +99,7 @@ def test_layers_contract_catches_an_upward_import(unpacked, tmp_path):
 
 
 def test_ruff_clean():
-    r = _run([str(BIN / "ruff"), "check", "--no-cache", str(REPO)], cwd=REPO)
+    r = _run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -61,7 +61,7 @@ def test_footprint_bounds_and_kept_tokens(policy_name, chunk, model, request, mo
                 checked.add(rid)
         engine.step()
     assert checked, "no request was checked after prefill"
-    step_chunk = min(chunk, engine.config.scheduler.max_num_batched_tokens)
+    step_chunk = min(chunk, engine.scheduler_config.max_num_batched_tokens)
     for (rid, layer), peak in rec.prefill.items():
         assert peak <= budgets[layer] + step_chunk, (rid, layer, peak)
     for (rid, layer), peak in rec.decode.items():
