@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--batchmax-args", default="", help="more `batchmax serve` options")
     p.add_argument("--vllm-args", default="", help="more vLLM server options")
     p.add_argument("--start-timeout", type=float, default=600)
+    p.add_argument("--warmup-requests", type=int, default=64,
+                   help="an untimed run of this many requests first, for every system (kernels compile on first use)")
     p.add_argument("--log-dir", default=".")
     p.add_argument("--label", default="")
     p.add_argument("--json", default=None)
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
         make_model(a.make_model, a.tokenizer)
         return 0
     workload = make_workload(a.num_requests, a.prompt_len, a.output_len, 0, "ids", a.vocab_size)
+    warmup = make_workload(a.warmup_requests, a.prompt_len, a.output_len, 1, "ids", a.vocab_size)
     url = f"http://127.0.0.1:{a.port}"
     name = os.path.basename(os.path.normpath(a.model))
     summaries, records = [], []
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
         if system == "offline":
             engine_args = dict(num_tokens=a.kv_tokens)
             engine_args.update(_engine_args(a.batchmax_args))
-            s = run_offline(workload, a.model, engine_args, 0.0, True)
+            s = run_offline(workload, a.model, engine_args, 0.0, True, warmup=warmup)
             s.label = "batchmax offline engine"
         else:
             if system == "batchmax":
@@ -135,6 +138,8 @@ def main(argv=None) -> int:
             proc = start_server(cmd, url, os.path.join(a.log_dir, f"{system}-server.log"), a.start_timeout)
             try:
                 cfg = LoadConfig(url=url, model=name, concurrency=a.concurrency, temperature=0.0, ignore_eos=True, progress=False)
+                if warmup:
+                    asyncio.run(run_load(cfg, warmup))
                 run = asyncio.run(run_load(cfg, workload))
             finally:
                 stop_server(proc)

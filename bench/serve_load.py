@@ -45,15 +45,19 @@ def http_summary(run: LoadRun, label: str = "server") -> Summary:
     return summarize(label, timings, sum(not r.ok for r in run.results), run.duration)
 
 
-def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dict, temperature: float, ignore_eos: bool) -> Summary:
+def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dict, temperature: float, ignore_eos: bool,
+                warmup: list[LoadRequest] | None = None) -> Summary:
     """The same workload through ``LLMEngine`` directly: every request added at once, then
-    stepped to the end, timing each request's tokens as the steps produce them."""
+    stepped to the end, timing each request's tokens as the steps produce them. ``warmup``
+    runs first, untimed (kernels compile on first use of a shape)."""
     from batchmax.engine import LLM, SamplingParams
 
     llm = LLM(model, **engine_args)
     eng = llm.engine
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     llm.generate([[100, 101, 102, 103]], warm)  # first-call costs stay out of the timing
+    if warmup:
+        llm.generate([r.prompt for r in warmup], [SamplingParams(max_tokens=r.max_tokens, temperature=temperature, ignore_eos=ignore_eos) for r in warmup])
     t0 = time.perf_counter()
     marks: dict[str, list[float]] = {}
     for i, req in enumerate(workload):

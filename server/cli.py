@@ -123,6 +123,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from batchmax.server.app import build_app
 
     app = build_app(load, settings)
+    if args.debug_profile:
+        from batchmax.server.sampling_profiler import SamplingProfiler
+
+        prof = SamplingProfiler(args.debug_profile)
+        prof.start()
+        try:
+            return _run_uvicorn(app, settings)
+        finally:
+            prof.stop()
     return _run_uvicorn(app, settings)
 
 
@@ -234,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unhealthy-after-step-failures", type=int, default=3,
                    help="/health answers 503 after this many engine steps in a row failed (a success resets it)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--debug-profile", default=None, metavar="FILE",
+                   help="performance work only: sample the front end's main thread and write where it spent its time to FILE at exit")
     s.set_defaults(func=cmd_serve)
 
     return parser
