@@ -220,7 +220,8 @@ class _Choice:
 
 # the request parameter an engine message is about: (pattern, parameter)
 _PARAM_HINTS = [(r"\bkv[_ ]policy\b|\bpolicy\b", "kv_policy"), (r"\bkv[_ ]budget\b|\bbudget\b", "kv_budget")] + [
-    (rf"\b{name}\b", name) for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "logprobs", "prompt_logprobs", "stop", "seed")
+    (rf"\b{name}\b", name)
+    for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "logprobs", "prompt_logprobs", "stop_token_ids", "stop", "seed")
 ]
 
 
@@ -230,6 +231,8 @@ def engine_error(exc: ValueError, prompt_param: str) -> APIError:
     low = msg.lower()
     if "context length" in low:
         return bad_request(msg, param=prompt_param, code="context_length_exceeded")
+    if re.search(r"\bstop_token_ids\b", low):  # before the prompt's: its message says "token id" too
+        return bad_request(msg, param="stop_token_ids", code="invalid_value")
     if "token id" in low or "prompt" in low:
         return bad_request(msg, param=prompt_param, code="invalid_value")
     # the parameter named first (messages read "min_tokens (9) must not exceed max_tokens (4)")

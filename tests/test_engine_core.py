@@ -200,8 +200,16 @@ def test_bad_requests_are_clear_errors(tiny_llama):
         engine.add_request("a", [], _greedy())
     with pytest.raises(ValueError, match="maximum context length is 2048.*2000 prompt tokens.*100"):
         engine.add_request("b", [5] * 2000, _greedy(100))
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(ValueError, match="prompt token id 1000000 is outside the vocabulary"):
         engine.add_request("c", [10**6], _greedy())
+    # every token id a request carries: stop ids out of range (negative ones too) would fail
+    # the sampler's scatter inside the step, and every request of that step with it
+    for bad in (10**9, -(10**6), -1, engine.runner.spec.vocab_size):
+        with pytest.raises(ValueError, match=f"stop_token_ids: token id {bad} is outside the vocabulary"):
+            engine.check_request([5, 6], _greedy(min_tokens=2, stop_token_ids=[3, bad]))
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            engine.add_request("e", [5, 6], _greedy(stop_token_ids=[bad]))
+    assert not engine.requests and not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="more than the pool holds"):
         engine.add_request("d", [5] * 1500, _greedy(10))
     with pytest.raises(ValueError):

@@ -1,0 +1,113 @@
+"""One request must never hurt another: whatever a request carries is checked before it is
+admitted, so a bad one is refused with a 400 and the requests running beside it finish
+exactly as they would alone."""
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+
+from batchmax.server.serving import _bytes_to_unicode
+from tests.server.test_http import assert_error, events, post
+
+VOCAB = 49152  # the tiny models borrow SmolLM2's tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def token_ids(tokenizer, content: list[dict]) -> list[int]:
+    """Generated token ids from chat logprobs: a byte-level BPE token's bytes name it exactly."""
+    enc = _bytes_to_unicode()
+    return tokenizer.convert_tokens_to_ids(["".join(enc[b] for b in e["bytes"]) for e in content])
+
+
+# ----------------------------------------------------------------------------- token ids
+@pytest.mark.parametrize("ids", [[10**9], [-(10**6)], [-1], [VOCAB], [5, VOCAB + 7]])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stop_token_ids_outside_the_vocabulary_are_400(server, path, ids):
+    body = {"stop_token_ids": ids, "min_tokens": 2, "max_tokens": 4}
+    body |= {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    err = assert_error(post(server, path, body), 400, param="stop_token_ids", code="invalid_value")
+    bad = next(t for t in ids if not 0 <= t < VOCAB)
+    assert err["message"] == f"stop_token_ids: token id {bad} is outside the vocabulary (0..{VOCAB - 1})"
+    assert err["type"] == "invalid_request_error"
+
+
+def test_prompt_token_ids_outside_the_vocabulary_are_400_naming_prompt(server):
+    for prompt in ([1, 2, 10**9], [[1, 2], [-3]], [VOCAB]):
+        err = assert_error(post(server, "/v1/completions", {"prompt": prompt, "stop_token_ids": [3]}), 400,
+                           param="prompt", code="invalid_value")
+        assert "prompt token id" in err["message"] and "vocabulary" in err["message"]
+
+
+def test_bad_requests_beside_20_streams_leave_their_tokens_unchanged(server, model_id, tokenizer):
+    """20 greedy streams run while requests with out-of-range stop ids (the sampler's scatter
+    used to raise inside the step, failing all 20) and bad prompt ids are refused: each stream
+    ends with exactly the tokens it gets alone."""
+    n, max_tokens = 20, 96
+
+    def body(i: int) -> dict:
+        return {"model": model_id, "messages": [{"role": "user", "content": f"stream number {i}"}], "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "logprobs": True}
+
+    alone = []
+    for i in range(n):
+        r = post(server, "/v1/chat/completions", body(i))
+        assert r.status_code == 200, r.text
+        alone.append(token_ids(tokenizer, r.json()["choices"][0]["logprobs"]["content"]))
+    assert all(len(t) == max_tokens for t in alone)
+
+    started = [threading.Event() for _ in range(n)]
+    results: list[dict] = [{} for _ in range(n)]
+
+    def stream(i: int) -> None:
+        try:
+            with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
+                              json={**body(i), "stream": True, "stream_options": {"include_usage": True}}) as r:
+                raw = b""
+                for chunk in r.iter_raw():
+                    raw += chunk
+                    if b'"logprobs":{"content"' in raw:
+                        started[i].set()
+                results[i]["raw"] = raw
+        except Exception as exc:  # reported below
+            results[i]["error"] = exc
+        finally:
+            started[i].set()
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for e in started:
+        assert e.wait(60)
+    bad = [
+        ("/v1/completions", {"prompt": "bad", "stop_token_ids": [10**9], "min_tokens": 2, "max_tokens": 8}, "stop_token_ids"),
+        ("/v1/completions", {"prompt": [7, 8, 9], "stop_token_ids": [-(10**6)], "min_tokens": 2, "max_tokens": 8}, "stop_token_ids"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "bad"}], "stop_token_ids": [-1], "min_tokens": 3},
+         "stop_token_ids"),
+        ("/v1/completions", {"prompt": [[5, 6], [5, VOCAB]], "max_tokens": 8}, "prompt"),
+        ("/v1/completions", {"prompt": [3, 10**12], "max_tokens": 8}, "prompt"),
+    ]
+    for _ in range(3):
+        for path, b, param in bad:
+            assert_error(post(server, path, {"model": model_id, **b}), 400, param=param, code="invalid_value")
+    for t in threads:
+        t.join(120)
+    for i, res in enumerate(results):
+        assert "error" not in res, res["error"]
+        evs = events(res["raw"])
+        assert evs[-1] == b"[DONE]"
+        chunks = [json.loads(e) for e in evs[:-1]]
+        assert all("error" not in c for c in chunks), [c for c in chunks if "error" in c]
+        content = [e for c in chunks for ch in c["choices"] if ch.get("logprobs") for e in ch["logprobs"]["content"]]
+        assert token_ids(tokenizer, content) == alone[i], f"stream {i}"
+        assert chunks[-1]["usage"]["completion_tokens"] == max_tokens
+        assert [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]] == ["length"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
