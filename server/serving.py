@@ -305,8 +305,18 @@ class OpenAIServing:
         problem = body.unsupported()
         if problem:
             raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")
-        if body.n > self.ctx.settings.max_n:
-            raise bad_request(f"n must be at most {self.ctx.settings.max_n}, got {body.n}", param="n")
+        settings = self.ctx.settings
+        if body.n > settings.max_n:
+            raise bad_request(f"n must be at most {settings.max_n}, got {body.n}", param="n")
+        # every stop string is checked after every token: bound how many and how long
+        stops = body.stop_list
+        if len(stops) > settings.max_stop_sequences:
+            raise bad_request(f"'stop' may hold at most {settings.max_stop_sequences} sequences, got {len(stops)}.",
+                              param="stop", code="invalid_value")
+        i = next((i for i, s in enumerate(stops) if len(s) > settings.max_stop_length), None)
+        if i is not None:
+            raise bad_request(f"Stop sequences may be at most {settings.max_stop_length} characters long; "
+                              f"stop sequence {i} has {len(stops[i])}.", param="stop", code="invalid_value")
 
     async def _submit(self, subs: list[tuple[str, list[int], SamplingParams]], param: str) -> OutputStream:
         try:

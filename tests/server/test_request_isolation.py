@@ -1,6 +1,6 @@
 """One request must never hurt another: whatever a request carries is checked before it is
 admitted, so a bad one is refused with a 400 and the requests running beside it finish
-exactly as they would alone."""
+exactly as they would alone; stop strings are bounded."""
 from __future__ import annotations
 
 import json
@@ -111,3 +111,40 @@ def test_bad_requests_beside_20_streams_leave_their_tokens_unchanged(server, mod
         assert chunks[-1]["usage"]["completion_tokens"] == max_tokens
         assert [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]] == ["length"]
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+# ----------------------------------------------------------------------------- stop strings
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stop_strings_are_bounded_by_default(server, path):
+    """16 stop strings of at most 256 characters: one more, or one character longer, is a 400
+    naming ``stop`` (every string is checked after every token)."""
+    base = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    base |= {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    many = [f"never {i}" for i in range(17)]
+    err = assert_error(post(server, path, {**base, "stop": many}), 400, param="stop", code="invalid_value")
+    assert err["message"] == "'stop' may hold at most 16 sequences, got 17."
+    err = assert_error(post(server, path, {**base, "stop": ["a", "z" * 257]}), 400, param="stop", code="invalid_value")
+    assert err["message"] == "Stop sequences may be at most 256 characters long; stop sequence 1 has 257."
+    assert_error(post(server, path, {**base, "stop": "q" * 257}), 400, param="stop", code="invalid_value")
+    r = post(server, path, {**base, "stop": many[:15] + ["z" * 256]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.fixture(scope="module")
+def limits_server(tiny_llama, tmp_path_factory):
+    """Tight stop bounds."""
+    from tests.server.conftest import start_server
+
+    srv = start_server(tiny_llama, tmp_path_factory, "--max-stop-sequences", "2", "--max-stop-length", "8")
+    yield srv
+    srv.stop()
+
+
+def test_stop_bounds_follow_the_options(limits_server):
+    base = {"prompt": "x", "max_tokens": 2}
+    err = assert_error(post(limits_server, "/v1/completions", {**base, "stop": ["a", "b", "c"]}), 400, param="stop", code="invalid_value")
+    assert "at most 2" in err["message"]
+    err = assert_error(post(limits_server, "/v1/completions", {**base, "stop": "123456789"}), 400, param="stop", code="invalid_value")
+    assert "at most 8 characters" in err["message"]
+    assert post(limits_server, "/v1/completions", {**base, "stop": ["12345678", "abcdefgh"]}).status_code == 200
