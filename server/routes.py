@@ -101,7 +101,8 @@ async def model(model_id: str, request: Request) -> Response:
 async def _generate(request: Request, model_cls, handler: Callable[[OpenAIServing, Any, Request], Awaitable[Response]]) -> Response:
     ctx = _ctx(request)
     body = parse_body(await read_body(request, ctx.settings.max_body_bytes), model_cls)
-    ticket = ctx.admit()
+    # admission counts the engine requests the call makes, known from the parsed body
+    ticket = ctx.admit(body.num_prompts, body.n, body.prompt_param)
     try:
         _check_model(ctx, body.model)
         resp = await handler(ctx.serving, body, request)

@@ -1,16 +1,19 @@
 """One request must never hurt another: whatever a request carries is checked before it is
 admitted, so a bad one is refused with a 400 and the requests running beside it finish
-exactly as they would alone; stop strings are bounded."""
+exactly as they would alone; stop strings are bounded; admission counts every sequence a
+call makes (prompts x n)."""
 from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
 
 from batchmax.server.serving import _bytes_to_unicode
 from tests.server.test_http import assert_error, events, post
+from tests.server.test_lifecycle import first_tokens
 
 VOCAB = 49152  # the tiny models borrow SmolLM2's tokenizer
 
@@ -133,10 +136,11 @@ def test_stop_strings_are_bounded_by_default(server, path):
 
 @pytest.fixture(scope="module")
 def limits_server(tiny_llama, tmp_path_factory):
-    """Tight stop bounds."""
+    """One request running at a time, three waiting at most, three per call; tight stop bounds."""
     from tests.server.conftest import start_server
 
-    srv = start_server(tiny_llama, tmp_path_factory, "--max-stop-sequences", "2", "--max-stop-length", "8")
+    srv = start_server(tiny_llama, tmp_path_factory, "--max-num-seqs", "1", "--max-queued", "3", "--max-sequences-per-call", "3",
+                       "--max-stop-sequences", "2", "--max-stop-length", "8")
     yield srv
     srv.stop()
 
@@ -148,3 +152,65 @@ def test_stop_bounds_follow_the_options(limits_server):
     err = assert_error(post(limits_server, "/v1/completions", {**base, "stop": "123456789"}), 400, param="stop", code="invalid_value")
     assert "at most 8 characters" in err["message"]
     assert post(limits_server, "/v1/completions", {**base, "stop": ["12345678", "abcdefgh"]}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- admission
+def test_a_call_is_capped_in_sequences_not_in_requests(server):
+    """prompts x n, at most 256 by default: one call of 100 prompts x n=128 used to queue
+    12,800 sequences."""
+    err = assert_error(post(server, "/v1/completions", {"prompt": [[5, 6]] * 100, "n": 128, "max_tokens": 1}), 400,
+                       param="n", code="invalid_value")
+    assert err["message"] == "This call asks for 12800 sequences (100 prompt(s) x n=128); the server accepts at most 256 per call."
+    assert_error(post(server, "/v1/completions", {"prompt": [[5]] * 257, "max_tokens": 1}), 400, param="prompt", code="invalid_value")
+    assert_error(post(server, "/v1/completions", {"prompt": ["a"] * 300, "max_tokens": 1}), 400, param="prompt", code="invalid_value")
+    assert_error(post(server, "/v1/completions", {"prompt": [[5]] * 3, "n": 86, "max_tokens": 1}), 400, param="n", code="invalid_value")
+    r = post(server, "/v1/completions", {"prompt": [[5]] * 4, "n": 64, "max_tokens": 1, "temperature": 0})  # 256: allowed
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 256
+
+
+def test_per_call_cap_follows_the_option(limits_server):
+    url = limits_server.url
+    assert_error(httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 4}), 400, param="n", code="invalid_value")
+    assert_error(httpx.post(url + "/v1/completions", json={"prompt": [[1], [2], [3], [4]]}), 400, param="prompt", code="invalid_value")
+    assert_error(httpx.post(url + "/v1/completions", json={"prompt": [[1], [2]], "n": 2}), 400, param="n", code="invalid_value")
+    assert_error(httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "n": 4}), 400,
+                 param="n", code="invalid_value")
+    r = httpx.post(url + "/v1/completions", json={"prompt": [[1], [2], [3]], "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+
+
+def test_the_queue_counts_every_sequence_of_a_call(limits_server):
+    """--max-num-seqs 1 --max-queued 3: A runs, B's two prompts wait; a call of two more
+    sequences would make four waiting (503), a call of one makes three (admitted)."""
+    url = limits_server.url
+    long = {"max_tokens": 1900, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", url + "/v1/completions", json={**long, "prompt": "hold the line"}) as a:
+            a_lines = first_tokens(a)  # noqa: F841 - keeps the stream open
+            with c.stream("POST", url + "/v1/completions", json={**long, "prompt": ["wait one", "wait two"]}) as b:
+                assert b.status_code == 200
+                deadline = time.monotonic() + 10
+                while limits_server.metrics()["batchmax:num_requests_waiting"] != 2:
+                    assert time.monotonic() < deadline, "B's prompts never queued"
+                    time.sleep(0.02)
+                before = limits_server.metrics()
+                refused = [
+                    c.post(url + "/v1/completions", json={"prompt": "two", "n": 2, "max_tokens": 2}),
+                    c.post(url + "/v1/completions", json={"prompt": [[1, 2], [3, 4]], "max_tokens": 2}),
+                    c.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "n": 2}),
+                ]
+                for r in refused:
+                    err = assert_error(r, 503, code="queue_full")
+                    assert err["type"] == "server_error" and int(r.headers["retry-after"]) >= 1
+                    assert "2 requests are already queued and this call would add 2 (at most 3 may wait)" in err["message"]
+                after = limits_server.metrics()
+                rejected = "batchmax:num_requests_rejected_total{reason=queue_full}"
+                assert after[rejected] - before[rejected] == 3
+                with c.stream("POST", url + "/v1/completions", json={**long, "prompt": "one more fits"}) as d:
+                    assert d.status_code == 200  # 2 + 1 = 3 may wait
+                assert limits_server.metrics()["batchmax:num_requests_running"] == 1  # A was never disturbed
+    m = limits_server.wait_idle(timeout=20)
+    assert m["batchmax:num_requests_running"] == 0 and m["batchmax:kv_cache_usage_perc"] == 0
+    r = httpx.post(url + "/v1/completions", json={"prompt": [[1], [2], [3]], "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
