@@ -53,7 +53,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
             if ctx.serving is not None:
                 ctx.serving.close()
 
-    app = FastAPI(title="batchmax", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json is served by routes.py, behind the API key like every other route
+    app = FastAPI(title="batchmax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.bm = ctx
 
     @app.exception_handler(APIError)

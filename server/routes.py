@@ -157,4 +157,10 @@ async def detokenize(request: Request) -> Response:
     return JSONResponse({"prompt": await serving.off_loop(tok.decode, body.tokens)})
 
 
+@protected.get("/openapi.json", include_in_schema=False)
+async def openapi_schema(request: Request) -> Response:
+    """The schema (``openapi.py``); with an API key set it needs the key, like the API it describes."""
+    return JSONResponse(request.app.openapi())
+
+
 router.include_router(protected)

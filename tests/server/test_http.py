@@ -195,6 +195,12 @@ def test_api_key(small_server):
     assert httpx.get(url + "/v1/models", headers={"x-api-key": "sekrit"}).status_code == 200
     for open_path in ("/health", "/metrics", "/version"):
         assert httpx.get(url + open_path).status_code == 200
+    # the schema describes the protected API: it needs the key too
+    assert_error(httpx.get(url + "/openapi.json"), 401, code="invalid_api_key")
+    assert_error(httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
+    schema = httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer sekrit"})
+    assert schema.status_code == 200 and "/v1/completions" in schema.json()["paths"]
+    assert "/openapi.json" not in schema.json()["paths"]
 
 
 def test_api_key_with_openai_client(small_server):
@@ -208,6 +214,12 @@ def test_api_key_with_openai_client(small_server):
 
 
 # ----------------------------------------------------------------------------- misc routes
+def test_openapi_is_open_without_an_api_key(server):
+    r = httpx.get(server.url + "/openapi.json")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert {"/v1/completions", "/v1/chat/completions", "/tokenize"} <= set(r.json()["paths"])
+
+
 def test_health_version_models(server, model_id):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert isinstance(httpx.get(server.url + "/version").json()["version"], str)
