@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("batchmax.server")
 
 DONE = "data: [DONE]\n\n"
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")  # OpenAI's ("function" is deprecated)
 MIN_LOGPROB = -9999.0  # what OpenAI sends for -inf (JSON has no infinity)
 
 
@@ -498,6 +499,11 @@ class OpenAIServing:
     def chat_messages(body) -> list[dict]:
         out = []
         for i, m in enumerate(body.messages):
+            if m.role not in CHAT_ROLES:
+                raise bad_request(
+                    f"Invalid value: {m.role!r}. Supported values are: {', '.join(repr(r) for r in CHAT_ROLES)}.",
+                    param=f"messages.{i}.role", code="invalid_value",
+                )
             try:
                 msg = {"role": m.role, "content": m.text()}
             except ValueError as exc:

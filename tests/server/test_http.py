@@ -123,6 +123,10 @@ def test_malformed_json(server):
         ("/v1/chat/completions", {"messages": "hi"}, "messages"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"role": "function", "content": "y"}]}, "messages.1.role"),
+        ("/v1/chat/completions", {"messages": [{"role": "User", "content": "x"}]}, "messages.0.role"),
+        ("/tokenize", {"messages": [{"role": "system", "content": "x"}, {"role": "", "content": "y"}]}, "messages.1.role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, "max_completion_tokens"),
@@ -218,6 +222,18 @@ def test_openapi_is_open_without_an_api_key(server):
     r = httpx.get(server.url + "/openapi.json")
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     assert {"/v1/completions", "/v1/chat/completions", "/tokenize"} <= set(r.json()["paths"])
+
+
+def test_chat_roles(server, model_id):
+    """OpenAI's roles are accepted (the template renders them); any other is a 400 naming it."""
+    msgs = [{"role": r, "content": f"as {r}"} for r in ("developer", "system", "user", "assistant", "tool", "user")]
+    r = post(server, "/tokenize", {"messages": msgs})
+    assert r.status_code == 200 and r.json()["count"] > 0
+    r = post(server, "/v1/chat/completions", {"model": model_id, "messages": msgs, "max_tokens": 2, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    err = assert_error(post(server, "/v1/chat/completions", {"messages": [*msgs, {"role": "robot", "content": "x"}]}), 400,
+                       param="messages.6.role", code="invalid_value")
+    assert err["message"] == "Invalid value: 'robot'. Supported values are: 'system', 'user', 'assistant', 'tool', 'developer'."
 
 
 def test_health_version_models(server, model_id):
