@@ -73,7 +73,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             msg = f"Unknown route: {request.method} {request.url.path}"
-        return _error(APIError(exc.status_code, msg, kind, headers=getattr(exc, "headers", None)))
+        code = "invalid_request" if exc.status_code == 400 else None  # every 400 carries a code
+        return _error(APIError(exc.status_code, msg, kind, code=code, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):

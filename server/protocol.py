@@ -50,8 +50,9 @@ class APIError(Exception):
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, "invalid_request_error", param, code)
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    """A 400; it always carries a ``code`` (clients branch on it), ``invalid_value`` unless told."""
+    return APIError(400, message, "invalid_request_error", param, code or "invalid_value")
 
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")

@@ -265,7 +265,8 @@ class OpenAIServing:
         """The tokenizer, or a 400 when the engine runs without one (shape-only benchmark
         models): then only token-id prompts are served."""
         if self.ctx.tokenizer is None:
-            raise bad_request("This server runs without a tokenizer: send token ids to /v1/completions.", param=param)
+            raise bad_request("This server runs without a tokenizer: send token ids to /v1/completions.", param=param,
+                              code="unsupported_value")
         return self.ctx.tokenizer
 
     # ---------------------------------------------------------------- shared
@@ -308,7 +309,7 @@ class OpenAIServing:
             raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")
         settings = self.ctx.settings
         if body.n > settings.max_n:
-            raise bad_request(f"n must be at most {settings.max_n}, got {body.n}", param="n")
+            raise bad_request(f"n must be at most {settings.max_n}, got {body.n}", param="n", code="invalid_value")
         # every stop string is checked after every token: bound how many and how long
         stops = body.stop_list
         if len(stops) > settings.max_stop_sequences:
@@ -481,7 +482,7 @@ class OpenAIServing:
     def chat_prompt(self, messages: list[dict], body) -> list[int]:
         tok = self.tokenizer("messages")
         if not getattr(tok, "chat_template", None):
-            raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
+            raise bad_request("This model has no chat template; use /v1/completions.", param="messages", code="unsupported_value")
         cont = getattr(body, "continue_final_message", False)
         try:
             text = tok.apply_chat_template(
@@ -491,7 +492,8 @@ class OpenAIServing:
                 **(getattr(body, "chat_template_kwargs", None) or {}),
             )
         except Exception as exc:  # jinja errors: the messages do not fit the template
-            raise bad_request(f"The messages could not be formatted with the chat template: {exc}", param="messages") from None
+            raise bad_request(f"The messages could not be formatted with the chat template: {exc}", param="messages",
+                              code="invalid_value") from None
         # the template already holds the special tokens
         return tok.encode(text, add_special_tokens=False)
 
@@ -518,7 +520,7 @@ class OpenAIServing:
         self._check_common(body)
         prompt_ids = await self.off_loop(self.chat_prompt, self.chat_messages(body), body)
         if not prompt_ids:
-            raise bad_request("The messages are empty.", param="messages")
+            raise bad_request("The messages are empty.", param="messages", code="invalid_value")
         max_tokens = body.max_new_tokens
         if max_tokens is None:  # OpenAI's default: whatever the context leaves
             max_tokens = self.ctx.max_model_len - len(prompt_ids)

@@ -29,6 +29,8 @@ def assert_error(r: httpx.Response, status: int, param: str | None = "unset", co
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if status == 400:  # every 400 says what kind of problem it is
+        assert isinstance(body["error"]["code"], str) and body["error"]["code"], body
     if param != "unset":
         assert body["error"]["param"] == param, body
     if code != "unset":
