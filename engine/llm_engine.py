@@ -99,10 +99,17 @@ class LLMEngine:
         """The request with its policy resolved, or ValueError if it cannot run."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        # Every token id a request carries, checked here: one out of range would otherwise
+        # fail inside the step (the sampler's scatter, the embedding), and with it every
+        # request of that step. The messages name the parameter (the server's engine_error
+        # maps them to ``param``).
         vocab = self.runner.spec.vocab_size
         bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request has "

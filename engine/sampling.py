@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily, as in vLLM (``_SAMPLING_EPS``): dividing the
+logits by 1e-38 overflows float32 to inf, and the softmax of infinities is NaN."""
+
 
 @dataclass
 class SamplingParams:
@@ -19,7 +23,7 @@ class SamplingParams:
     min_tokens: int = 0
     """EOS and stop token ids are suppressed until this many tokens are generated."""
     temperature: float = 1.0
-    """0 is greedy."""
+    """Below ``GREEDY_TEMPERATURE`` (0 included) is greedy."""
     top_p: float = 1.0
     top_k: int = 0
     """0 or -1: no top-k cut."""
@@ -67,7 +71,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class Sampler:
@@ -110,10 +114,13 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
+            # stable: among equal probabilities the lowest id comes first, as in argmax
+            sorted_probs, order = probs.sort(descending=True, stable=True)
             cum = sorted_probs.cumsum(-1)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            # keep the smallest prefix whose mass reaches top_p; the first token always stays,
+            # even when top_p rounds to 0 in float32 (below ~1e-45) and every token would go
             drop = (cum - sorted_probs) >= p.top_p
+            drop[0] = False
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         # Exponential race (Gumbel-max in another form): argmax(p / E), E ~ Exp(1), drawn

@@ -53,7 +53,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
             if ctx.serving is not None:
                 ctx.serving.close()
 
-    app = FastAPI(title="batchmax", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json is served by routes.py, behind the API key like every other route
+    app = FastAPI(title="batchmax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.bm = ctx
 
     @app.exception_handler(APIError)
@@ -72,7 +73,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             msg = f"Unknown route: {request.method} {request.url.path}"
-        return _error(APIError(exc.status_code, msg, kind, headers=getattr(exc, "headers", None)))
+        code = "invalid_request" if exc.status_code == 400 else None  # every 400 carries a code
+        return _error(APIError(exc.status_code, msg, kind, code=code, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):

@@ -105,6 +105,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queued=args.max_queued,
             shutdown_timeout=args.shutdown_timeout,
             max_body_bytes=args.max_body_bytes,
+            max_sequences_per_call=args.max_sequences_per_call,
+            max_stop_sequences=args.max_stop_sequences,
+            max_stop_length=args.max_stop_length,
             unhealthy_after_step_failures=args.unhealthy_after_step_failures,
             log_level=args.log_level,
         )
@@ -240,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued", type=int, default=1024, help="most requests waiting for admission; beyond, 503 with Retry-After")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
     s.add_argument("--max-body-bytes", type=int, default=32 << 20, help="largest request body accepted (413 beyond)")
+    s.add_argument("--max-sequences-per-call", type=int, default=256,
+                   help="most engine requests (prompts x n) one call may make; beyond, 400")
+    s.add_argument("--max-stop-sequences", type=int, default=16, help="most stop strings per request; beyond, 400")
+    s.add_argument("--max-stop-length", type=int, default=256, help="longest stop string in characters; beyond, 400")
     s.add_argument("--unhealthy-after-step-failures", type=int, default=3,
                    help="/health answers 503 after this many engine steps in a row failed (a success resets it)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

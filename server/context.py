@@ -1,6 +1,7 @@
 """``ServerContext``: what the routes and handlers share (engine, settings, metrics,
-lifecycle state), and admission of generation calls. The app (``app.py``) builds one; routes
-and serving read it, so neither imports the module that assembles the app."""
+lifecycle state), and admission of generation calls, counted in the engine requests they make
+(prompts x n). The app (``app.py``) builds one; routes and serving read it, so neither
+imports the module that assembles the app."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ from typing import Any
 from batchmax.engine.async_engine import AsyncEngine
 from batchmax.engine.core_client import EngineCoreClient
 from batchmax.server.metrics import ServerMetrics
-from batchmax.server.protocol import APIError
+from batchmax.server.protocol import APIError, bad_request
 from batchmax.server.settings import ServerSettings
 
 
@@ -61,19 +62,31 @@ class ServerContext:
         self.ready = True
 
     # ---------------------------------------------------------------- admission
-    def admit(self, n: int = 1) -> "Ticket":
-        """Let a generation call in, or refuse it with 503 (loading, draining, queue full)."""
-        retry = {"Retry-After": str(self.settings.retry_after_s)}
+    def admit(self, num_prompts: int = 1, n: int = 1, prompt_param: str = "prompt") -> "Ticket":
+        """Let a generation call of ``num_prompts`` prompts x ``n`` choices in (that many engine
+        requests), or refuse it: 400 when one call asks for more than it may, 503 when
+        loading, draining, or when its requests would take the queue past ``max_queued``."""
+        s = self.settings
+        seqs = num_prompts * n
+        limit = min(s.max_sequences_per_call, s.max_queued)
+        if seqs > limit:
+            raise bad_request(
+                f"This call asks for {seqs} sequences ({num_prompts} prompt(s) x n={n}); the server accepts at most "
+                f"{limit} per call.", param=prompt_param if num_prompts > limit else "n", code="invalid_value",
+            )
+        retry = {"Retry-After": str(s.retry_after_s)}
         if self.draining:
             self.metrics.rejected("draining")
             raise APIError(503, "The server is shutting down.", "server_error", code="server_shutting_down", headers=retry)
         if not self.ready:
             self.metrics.rejected("loading")
             raise APIError(503, "The model is still loading.", "server_error", code="model_loading", headers=retry)
-        if self.engine.num_waiting >= self.settings.max_queued:
+        waiting = self.engine.num_waiting
+        if waiting + seqs > s.max_queued:
             self.metrics.rejected("queue_full")
             raise APIError(
-                503, f"The server is overloaded: {self.engine.num_waiting} requests are already queued. Retry later.",
+                503, f"The server is overloaded: {waiting} requests are already queued and this call would add {seqs} "
+                f"(at most {s.max_queued} may wait). Retry later.",
                 "server_error", code="queue_full", headers=retry,
             )
         self.inflight += 1

@@ -112,7 +112,8 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Serve ``build_openapi(app)`` (built once, on first request) at ``/openapi.json``."""
+    """Make ``app.openapi()`` return ``build_openapi(app)`` (built once, on first request);
+    ``routes.py`` serves it at ``/openapi.json``, behind the API key when one is set."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

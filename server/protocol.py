@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -50,8 +50,9 @@ class APIError(Exception):
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, "invalid_request_error", param, code)
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    """A 400; it always carries a ``code`` (clients branch on it), ``invalid_value`` unless told."""
+    return APIError(400, message, "invalid_request_error", param, code or "invalid_value")
 
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
@@ -124,6 +125,14 @@ class _SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_prompts(self) -> int:
+        """Prompts in the call; it makes ``num_prompts * n`` engine requests."""
+        return 1
+
+    prompt_param: ClassVar[str] = "messages"
+    """The parameter that holds the prompt(s)."""
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -134,6 +143,13 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
     add_special_tokens: bool = True
+
+    prompt_param: ClassVar[str] = "prompt"
+
+    @property
+    def num_prompts(self) -> int:
+        p = self.prompt
+        return 1 if isinstance(p, str) or isinstance(p[0], int) else len(p)
 
     @field_validator("prompt")
     @classmethod

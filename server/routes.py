@@ -101,7 +101,8 @@ async def model(model_id: str, request: Request) -> Response:
 async def _generate(request: Request, model_cls, handler: Callable[[OpenAIServing, Any, Request], Awaitable[Response]]) -> Response:
     ctx = _ctx(request)
     body = parse_body(await read_body(request, ctx.settings.max_body_bytes), model_cls)
-    ticket = ctx.admit()
+    # admission counts the engine requests the call makes, known from the parsed body
+    ticket = ctx.admit(body.num_prompts, body.n, body.prompt_param)
     try:
         _check_model(ctx, body.model)
         resp = await handler(ctx.serving, body, request)
@@ -154,6 +155,12 @@ async def detokenize(request: Request) -> Response:
     if bad:
         raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens", code="invalid_value")
     return JSONResponse({"prompt": await serving.off_loop(tok.decode, body.tokens)})
+
+
+@protected.get("/openapi.json", include_in_schema=False)
+async def openapi_schema(request: Request) -> Response:
+    """The schema (``openapi.py``); with an API key set it needs the key, like the API it describes."""
+    return JSONResponse(request.app.openapi())
 
 
 router.include_router(protected)

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("batchmax.server")
 
 DONE = "data: [DONE]\n\n"
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")  # OpenAI's ("function" is deprecated)
 MIN_LOGPROB = -9999.0  # what OpenAI sends for -inf (JSON has no infinity)
 
 
@@ -220,7 +221,8 @@ class _Choice:
 
 # the request parameter an engine message is about: (pattern, parameter)
 _PARAM_HINTS = [(r"\bkv[_ ]policy\b|\bpolicy\b", "kv_policy"), (r"\bkv[_ ]budget\b|\bbudget\b", "kv_budget")] + [
-    (rf"\b{name}\b", name) for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "logprobs", "prompt_logprobs", "stop", "seed")
+    (rf"\b{name}\b", name)
+    for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "logprobs", "prompt_logprobs", "stop_token_ids", "stop", "seed")
 ]
 
 
@@ -230,6 +232,8 @@ def engine_error(exc: ValueError, prompt_param: str) -> APIError:
     low = msg.lower()
     if "context length" in low:
         return bad_request(msg, param=prompt_param, code="context_length_exceeded")
+    if re.search(r"\bstop_token_ids\b", low):  # before the prompt's: its message says "token id" too
+        return bad_request(msg, param="stop_token_ids", code="invalid_value")
     if "token id" in low or "prompt" in low:
         return bad_request(msg, param=prompt_param, code="invalid_value")
     # the parameter named first (messages read "min_tokens (9) must not exceed max_tokens (4)")
@@ -261,7 +265,8 @@ class OpenAIServing:
         """The tokenizer, or a 400 when the engine runs without one (shape-only benchmark
         models): then only token-id prompts are served."""
         if self.ctx.tokenizer is None:
-            raise bad_request("This server runs without a tokenizer: send token ids to /v1/completions.", param=param)
+            raise bad_request("This server runs without a tokenizer: send token ids to /v1/completions.", param=param,
+                              code="unsupported_value")
         return self.ctx.tokenizer
 
     # ---------------------------------------------------------------- shared
@@ -302,8 +307,18 @@ class OpenAIServing:
         problem = body.unsupported()
         if problem:
             raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")
-        if body.n > self.ctx.settings.max_n:
-            raise bad_request(f"n must be at most {self.ctx.settings.max_n}, got {body.n}", param="n")
+        settings = self.ctx.settings
+        if body.n > settings.max_n:
+            raise bad_request(f"n must be at most {settings.max_n}, got {body.n}", param="n", code="invalid_value")
+        # every stop string is checked after every token: bound how many and how long
+        stops = body.stop_list
+        if len(stops) > settings.max_stop_sequences:
+            raise bad_request(f"'stop' may hold at most {settings.max_stop_sequences} sequences, got {len(stops)}.",
+                              param="stop", code="invalid_value")
+        i = next((i for i, s in enumerate(stops) if len(s) > settings.max_stop_length), None)
+        if i is not None:
+            raise bad_request(f"Stop sequences may be at most {settings.max_stop_length} characters long; "
+                              f"stop sequence {i} has {len(stops[i])}.", param="stop", code="invalid_value")
 
     async def _submit(self, subs: list[tuple[str, list[int], SamplingParams]], param: str) -> OutputStream:
         try:
@@ -467,7 +482,7 @@ class OpenAIServing:
     def chat_prompt(self, messages: list[dict], body) -> list[int]:
         tok = self.tokenizer("messages")
         if not getattr(tok, "chat_template", None):
-            raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
+            raise bad_request("This model has no chat template; use /v1/completions.", param="messages", code="unsupported_value")
         cont = getattr(body, "continue_final_message", False)
         try:
             text = tok.apply_chat_template(
@@ -477,7 +492,8 @@ class OpenAIServing:
                 **(getattr(body, "chat_template_kwargs", None) or {}),
             )
         except Exception as exc:  # jinja errors: the messages do not fit the template
-            raise bad_request(f"The messages could not be formatted with the chat template: {exc}", param="messages") from None
+            raise bad_request(f"The messages could not be formatted with the chat template: {exc}", param="messages",
+                              code="invalid_value") from None
         # the template already holds the special tokens
         return tok.encode(text, add_special_tokens=False)
 
@@ -485,6 +501,11 @@ class OpenAIServing:
     def chat_messages(body) -> list[dict]:
         out = []
         for i, m in enumerate(body.messages):
+            if m.role not in CHAT_ROLES:
+                raise bad_request(
+                    f"Invalid value: {m.role!r}. Supported values are: {', '.join(repr(r) for r in CHAT_ROLES)}.",
+                    param=f"messages.{i}.role", code="invalid_value",
+                )
             try:
                 msg = {"role": m.role, "content": m.text()}
             except ValueError as exc:
@@ -499,7 +520,7 @@ class OpenAIServing:
         self._check_common(body)
         prompt_ids = await self.off_loop(self.chat_prompt, self.chat_messages(body), body)
         if not prompt_ids:
-            raise bad_request("The messages are empty.", param="messages")
+            raise bad_request("The messages are empty.", param="messages", code="invalid_value")
         max_tokens = body.max_new_tokens
         if max_tokens is None:  # OpenAI's default: whatever the context leaves
             max_tokens = self.ctx.max_model_len - len(prompt_ids)

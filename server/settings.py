@@ -26,6 +26,14 @@ class ServerSettings:
     tokens, while a client cannot make the server buffer unbounded input."""
     max_n: int = 128
     """Largest ``n`` (choices per prompt) accepted."""
+    max_sequences_per_call: int = 256
+    """Most engine requests one call may make (prompts x ``n``; 400 beyond). A call may also
+    never hold more than ``max_queued``: it could not be admitted even into an empty queue."""
+    max_stop_sequences: int = 16
+    """Most stop strings per request (400 beyond). OpenAI allows 4, vLLM any number; 16 leaves
+    room for chat templates' several end markers. Every string is checked after every token."""
+    max_stop_length: int = 256
+    """Longest stop string, in characters (400 beyond)."""
     unhealthy_after_step_failures: int = 3
     """``/health`` answers 503 (``unhealthy``) once this many engine steps in a row have failed,
     so an orchestrator restarts a server whose engine is broken (a lost device, say) instead of
@@ -44,5 +52,8 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
+        for name in ("max_sequences_per_call", "max_stop_sequences", "max_stop_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.unhealthy_after_step_failures < 1:
             raise ValueError("unhealthy_after_step_failures must be >= 1")

@@ -200,11 +200,34 @@ def test_bad_requests_are_clear_errors(tiny_llama):
         engine.add_request("a", [], _greedy())
     with pytest.raises(ValueError, match="maximum context length is 2048.*2000 prompt tokens.*100"):
         engine.add_request("b", [5] * 2000, _greedy(100))
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(ValueError, match="prompt token id 1000000 is outside the vocabulary"):
         engine.add_request("c", [10**6], _greedy())
+    # every token id a request carries: stop ids out of range (negative ones too) would fail
+    # the sampler's scatter inside the step, and every request of that step with it
+    for bad in (10**9, -(10**6), -1, engine.runner.spec.vocab_size):
+        with pytest.raises(ValueError, match=f"stop_token_ids: token id {bad} is outside the vocabulary"):
+            engine.check_request([5, 6], _greedy(min_tokens=2, stop_token_ids=[3, bad]))
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            engine.add_request("e", [5, 6], _greedy(stop_token_ids=[bad]))
+    assert not engine.requests and not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="more than the pool holds"):
         engine.add_request("d", [5] * 1500, _greedy(10))
     with pytest.raises(ValueError):
         SamplingParams(max_tokens=0)
     with pytest.raises(TypeError, match="unknown engine option"):
         EngineConfig.from_kwargs(chunk=3)
+
+
+def test_near_zero_temperature_and_tiny_top_p_are_greedy(tiny_llama):
+    """Temperature below 1e-5 samples greedily (1e-38 used to overflow float32 and turn every
+    token into EOS); a top_p that rounds to 0 in float32 still keeps the top token."""
+    llm = LLM(str(tiny_llama), device="cpu", num_tokens=4096)
+    prompts = random_prompts([9, 30], seed=13)
+    greedy = [o.token_ids for o in llm.generate(prompts, _greedy(16, ignore_eos=True))]
+    assert all(len(t) == 16 for t in greedy)
+    for kw in ({"temperature": 1e-38}, {"temperature": 1e-6}, {"temperature": 1e-38, "seed": 3},
+               {"temperature": 1.0, "top_p": 1e-46, "seed": 3}, {"temperature": 1.0, "top_p": 1e-46}):
+        sp = SamplingParams(max_tokens=16, ignore_eos=True, **kw)
+        assert [o.token_ids for o in llm.generate(prompts, sp)] == greedy, kw
+    # just above the threshold it samples (a random model's distribution is nearly flat)
+    assert SamplingParams(temperature=1e-5).greedy is False and SamplingParams(temperature=9.9e-6).greedy is True

@@ -29,6 +29,8 @@ def assert_error(r: httpx.Response, status: int, param: str | None = "unset", co
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if status == 400:  # every 400 says what kind of problem it is
+        assert isinstance(body["error"]["code"], str) and body["error"]["code"], body
     if param != "unset":
         assert body["error"]["param"] == param, body
     if code != "unset":
@@ -123,6 +125,10 @@ def test_malformed_json(server):
         ("/v1/chat/completions", {"messages": "hi"}, "messages"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"role": "function", "content": "y"}]}, "messages.1.role"),
+        ("/v1/chat/completions", {"messages": [{"role": "User", "content": "x"}]}, "messages.0.role"),
+        ("/tokenize", {"messages": [{"role": "system", "content": "x"}, {"role": "", "content": "y"}]}, "messages.1.role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, "max_completion_tokens"),
@@ -195,6 +201,12 @@ def test_api_key(small_server):
     assert httpx.get(url + "/v1/models", headers={"x-api-key": "sekrit"}).status_code == 200
     for open_path in ("/health", "/metrics", "/version"):
         assert httpx.get(url + open_path).status_code == 200
+    # the schema describes the protected API: it needs the key too
+    assert_error(httpx.get(url + "/openapi.json"), 401, code="invalid_api_key")
+    assert_error(httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
+    schema = httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer sekrit"})
+    assert schema.status_code == 200 and "/v1/completions" in schema.json()["paths"]
+    assert "/openapi.json" not in schema.json()["paths"]
 
 
 def test_api_key_with_openai_client(small_server):
@@ -208,6 +220,24 @@ def test_api_key_with_openai_client(small_server):
 
 
 # ----------------------------------------------------------------------------- misc routes
+def test_openapi_is_open_without_an_api_key(server):
+    r = httpx.get(server.url + "/openapi.json")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert {"/v1/completions", "/v1/chat/completions", "/tokenize"} <= set(r.json()["paths"])
+
+
+def test_chat_roles(server, model_id):
+    """OpenAI's roles are accepted (the template renders them); any other is a 400 naming it."""
+    msgs = [{"role": r, "content": f"as {r}"} for r in ("developer", "system", "user", "assistant", "tool", "user")]
+    r = post(server, "/tokenize", {"messages": msgs})
+    assert r.status_code == 200 and r.json()["count"] > 0
+    r = post(server, "/v1/chat/completions", {"model": model_id, "messages": msgs, "max_tokens": 2, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    err = assert_error(post(server, "/v1/chat/completions", {"messages": [*msgs, {"role": "robot", "content": "x"}]}), 400,
+                       param="messages.6.role", code="invalid_value")
+    assert err["message"] == "Invalid value: 'robot'. Supported values are: 'system', 'user', 'assistant', 'tool', 'developer'."
+
+
 def test_health_version_models(server, model_id):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert isinstance(httpx.get(server.url + "/version").json()["version"], str)
