@@ -128,10 +128,10 @@ class EngineCoreClient:
         if not self.is_running:
             raise EngineDeadError(self._dead or "the engine is not running")
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("an EngineCoreClient serves one event loop")
+        if self._loop is not loop:
+            if self._requests or self._pending:
+                raise RuntimeError("an EngineCoreClient serves one event loop at a time")
+            self._loop = loop  # the first loop, or a later one once nothing is in flight
         wire, rids = [], []
         for rid, prompt, params in requests:
             if rid in self._requests or rid in rids:

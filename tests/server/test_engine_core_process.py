@@ -1,0 +1,126 @@
+"""The engine core in its own process (``EngineCoreClient``, what ``batchmax serve`` runs):
+its outputs rebuilt from per-step deltas equal the in-process engine's, stop strings found in
+the front end end the request there, and a core that dies fails the requests in flight and
+turns ``/health`` to 503 instead of leaving the server answering 200."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from batchmax import LLM
+from batchmax.engine import EngineConfig, SamplingParams
+from batchmax.engine.async_engine import EngineDeadError
+from batchmax.engine.core_client import EngineCoreClient
+from tests.server.conftest import start_server
+
+
+@pytest.fixture(scope="module")
+def core(tiny_llama):
+    c = EngineCoreClient(EngineConfig.from_kwargs(model=str(tiny_llama), device="cpu", max_num_seqs=8, num_tokens=4096))
+    yield c
+    c.shutdown()
+
+
+def _fields(out):
+    lp = [(e.token_id, round(e.logprob, 4), [a for a, _ in e.top]) for e in out.logprobs]
+    plp = [None if e is None else (e.token_id, round(e.logprob, 4)) for e in out.prompt_logprobs]
+    return out.token_ids, out.text, out.finish_reason, out.stop_reason, lp, plp
+
+
+def test_deltas_rebuild_the_in_process_outputs(core, tiny_llama):
+    llm = LLM(str(tiny_llama), device="cpu", max_num_seqs=8, num_tokens=4096)
+    free = llm.generate(["the quick brown fox"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    needle = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    prompts = ["the quick brown fox", [5, 6, 7, 8, 9, 10], "hello", "the quick brown fox"]
+    params = [
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=0, logprobs=3, prompt_logprobs=2),
+        SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[needle]),  # found by the front end
+    ]
+    ref = llm.generate(prompts, params)
+
+    async def run():
+        async def one(i):
+            last = None
+            async for out in core.generate(prompts[i], params[i], request_id=f"d{i}"):
+                last = out
+            return last
+
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    got = asyncio.run(run())
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert _fields(a) == _fields(b), f"request {i}"
+    assert got[3].finish_reason == "stop" and got[3].stop_reason == needle and needle not in got[3].text
+    assert core.num_unfinished == 0
+
+
+def test_a_rejected_add_raises_and_leaves_nothing(core):
+    async def run():
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await core.add([("ok", [1, 2, 3], SamplingParams(max_tokens=2)), ("bad", [10**9], SamplingParams(max_tokens=2))])
+        return core.num_unfinished
+
+    assert asyncio.run(run()) == 0
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_core_fails_inflight_requests_and_health(tiny_llama, tmp_path_factory):
+    srv = start_server(tiny_llama, tmp_path_factory, "--max-num-seqs", "4")
+    try:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        (core_pid,) = _children(srv.proc.pid)
+        body = {"model": "tiny_llama0", "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    os.kill(core_pid, signal.SIGKILL)
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])
+        assert err["error"]["code"] == "engine_error" and "engine core process died" in err["error"]["message"]
+        deadline = time.monotonic() + 10
+        while httpx.get(srv.url + "/health").status_code == 200:
+            assert time.monotonic() < deadline, "/health still 200 after the core died"
+            time.sleep(0.1)
+        h = httpx.get(srv.url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "engine stopped"
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny_llama0", "prompt": [5, 6], "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] in ("engine_unavailable", "model_loading")
+    finally:
+        srv.stop()
+
+
+def test_dead_core_refuses_new_requests(tiny_llama):
+    c = EngineCoreClient(EngineConfig.from_kwargs(model=str(tiny_llama), device="cpu", max_num_seqs=2, num_tokens=2048))
+    try:
+        os.kill(c._proc.pid, signal.SIGKILL)
+        c._proc.wait(10)
+        assert not c.is_running
+
+        async def run():
+            with pytest.raises(EngineDeadError):
+                await c.add([("x", [1, 2], SamplingParams(max_tokens=2))])
+
+        asyncio.run(run())
+    finally:
+        c.shutdown()
