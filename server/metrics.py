@@ -3,7 +3,7 @@ Batch-Max's compression metrics.
 
 Two sources, one per-app ``CollectorRegistry`` (no global state, so several apps can live in
 one process, as tests do):
-- engine counters and gauges are read from ``AsyncEngine.stats()`` at scrape time by a custom
+- engine counters and gauges are read from the engine's ``stats()`` (``EngineCoreClient`` or ``AsyncEngine``) at scrape time by a custom
   collector, so they are exactly the engine's numbers, never a second bookkeeping;
 - per-request histograms (TTFT, inter-token latency, end-to-end, queue time) and the finish
   counter are observed by the server as each request's outputs arrive (``RequestTracker``);
