@@ -1,4 +1,4 @@
-"""Throughput of batchmax against HF transformers on one GPU, in one process (docs/ARCHITECTURE.md, "Benchmarks and workloads").
+"""Throughput of batchmax against vLLM and HF transformers on one GPU, in one device call (docs/ARCHITECTURE.md, "Benchmarks and workloads").
 
 W1: 128 prompts x 4096 tokens -> 256; W2: 16k-token prompts -> 512. Every configuration runs
 on the Llama-3-8B-shaped model with random bf16 weights; EOS is ignored so every request
@@ -11,6 +11,12 @@ produces exactly the output length. The peers get the best settings found for th
   not used.
 - HF ``generate_batch`` (continuous batching, paged attention, its default CUDA-graph
   warm-up), greedy.
+- vLLM (``--peers vllm``): ``vllm.LLM`` in a process of its own on the same prompts
+  (``bench/vllm_peer.py`` says its settings: defaults, prefix caching off).
+
+``--kv-gib G`` caps the KV pool of batchmax (``num_tokens``) and of vLLM
+(``kv_cache_memory_bytes``) at the same G GiB: a card whose memory is short of the workload
+(~6 GiB: a 24 GB card serving the 8B model in bf16; ~28: a 48 GB card; ~60: an 80 GB card).
 
 Slow peers run on a stated subset of the prompts (``--peer-prompts``). Each line has total and
 output tok/s, the largest running batch, peak GPU memory, the ratio to each peer, and the
@@ -91,10 +97,37 @@ def parse_config(s: str) -> dict:
     return dict(name=s + ("+recall" if recall else ""), policy=policy, budget=int(budget) if budget else None, recall=recall)
 
 
+def kv_token_bytes() -> int:
+    """K and V of one token in every layer, bf16 (128 KiB for the 8B shape)."""
+    c = LLAMA3_8B
+    return c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2 * 2
+
+
+def run_vllm(prompts, out_len: int, a) -> dict:
+    """vLLM in a subprocess (it owns the GPU while it runs; this process holds nothing then)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="batchmax-vllm-")
+    with open(os.path.join(folder, "prompts.json"), "w") as f:
+        json.dump(prompts, f)
+    cmd = [sys.executable, "-m", "bench.vllm_peer", "--model", shape_only_model(LLAMA3_8B), "--prompts", os.path.join(folder, "prompts.json"),
+           "--output-len", str(out_len), "--max-model-len", str(len(prompts[0]) + out_len)]
+    if a.kv_gib:
+        cmd += ["--kv-bytes", str(int(a.kv_gib * 2**30))]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"vLLM exited with {r.returncode}: {r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
     from batchmax.engine import LLM, SamplingParams
 
-    llm = LLM(shape_only_model(LLAMA3_8B), load_format="dummy", skip_tokenizer_init=True, chunk_size=a.chunk,
+    pool = dict(num_tokens=int(a.kv_gib * 2**30) // kv_token_bytes()) if a.kv_gib else {}
+    llm = LLM(shape_only_model(LLAMA3_8B), load_format="dummy", **pool, skip_tokenizer_init=True, chunk_size=a.chunk,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=cfg["policy"],
               kv_budget=cfg["budget"], kv_recall=cfg["recall"], host_kv_tokens=a.host_kv_tokens if cfg["recall"] else None,
               max_model_len=len(prompts[0]) + out_len + a.chunk, fused_ops=a.fused_ops, async_scheduling=a.async_scheduling,
@@ -189,13 +222,13 @@ def finish(r: dict, prompt: int, out: int, flops: float, bw: float) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    peers = [r for r in rows if r["system"].startswith("hf-")]
+    peers = [r for r in rows if r["system"].startswith("hf-") or r["system"] == "vllm"]
     head = "| system | config | prompts | total tok/s | output tok/s | peak batch | peak GB | roofline tok/s (% reached) |"
     head += "".join(f" vs {p['system']} |" for p in peers)
     lines = [head, "|---" * (8 + len(peers)) + "|"]
     for r in rows:
         line = (f"| {r['system']} | {r['config']} | {r['prompts']} | {r['total_tok_s']:,.0f} | {r['output_tok_s']:,.0f} | "
-                f"{r['peak_batch'] if r['peak_batch'] is not None else '-'} | {r['peak_gb']:.1f} | "
+                f"{r['peak_batch'] if r['peak_batch'] is not None else '-'} | {r['peak_gb'] or 0:.1f} | "
                 f"{r['roofline_tok_s']:,.0f} ({100 * r['total_tok_s'] / r['roofline_tok_s']:.0f}%) |")
         line += "".join(f" {r['total_tok_s'] / p['total_tok_s']:.2f}x |" for p in peers)
         lines.append(line)
@@ -233,7 +266,8 @@ def main(argv=None):
     p.add_argument("--workload", choices=list(WORKLOADS), default="W1")
     p.add_argument("--num-prompts", type=int, default=None, help="default: 128 (W1), 96 (W2)")
     p.add_argument("--configs", nargs="*", default=["full", "snapkv@512", "snapkv@1024"])
-    p.add_argument("--peers", nargs="*", default=["static", "generate_batch"], choices=["static", "generate_batch"])
+    p.add_argument("--peers", nargs="*", default=["static", "generate_batch"], choices=["static", "generate_batch", "vllm"])
+    p.add_argument("--kv-gib", type=float, default=None, help="cap batchmax's and vLLM's KV pools at this many GiB (default: what fits)")
     p.add_argument("--peer-prompts", type=int, default=32, help="the subset the HF peers run (the first N prompts)")
     p.add_argument("--batch-peer-prompts", type=int, default=None, help="subset for generate_batch (default: --peer-prompts)")
     p.add_argument("--static-batch", type=int, default=32)
@@ -261,6 +295,13 @@ def main(argv=None):
     flops, bw = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: bf16 matmul {flops / 1e12:.0f} TFLOP/s, copy {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
+    vllm_rows = []
+    if "vllm" in a.peers:  # first, while this process holds no more than its CUDA context
+        try:
+            vllm_rows.append(finish(run_vllm(prompts, out, a), prompt, out, flops, bw))
+            print(json.dumps(vllm_rows[-1]), flush=True)
+        except Exception as e:  # a peer's failure must not lose batchmax's numbers
+            print(f"peer vllm failed: {type(e).__name__}: {e}", flush=True)
     warm_n = (n if a.workload == "W1" else 0) if a.warmup_prompts is None else a.warmup_prompts
     if warm_n and a.configs:
         # Triton compiles a kernel variant the first time a launch configuration appears (split
@@ -275,9 +316,11 @@ def main(argv=None):
     for c in a.configs:
         rows.append(finish(run_batchmax(parse_config(c), prompts, out, a), prompt, out, flops, bw))
         print(json.dumps(rows[-1]), flush=True)
-    if a.peers:
+    rows += vllm_rows
+    hf = [x for x in a.peers if x != "vllm"]
+    if hf:
         model = _hf_model()
-        for peer in a.peers:
+        for peer in hf:
             try:
                 if peer == "static":
                     r = run_hf_static(model, prompts[: a.peer_prompts], out, a.static_batch)
@@ -292,7 +335,10 @@ def main(argv=None):
     for r in rows:
         r.update(workload=a.workload, device=torch.cuda.get_device_name(), torch=torch.__version__,
                  matmul_tflops=flops / 1e12, copy_tbs=bw / 1e12, date=time.strftime("%Y-%m-%d"))
-    print(f"\n{a.workload}: {n} x {prompt} -> {out} (peers on the first {a.peer_prompts} prompts)\n" + table(rows))
+    kv = f", KV capped at {a.kv_gib:g} GiB" if a.kv_gib else ""
+    for r in rows:
+        r["kv_gib"] = a.kv_gib
+    print(f"\n{a.workload}: {n} x {prompt} -> {out} (HF peers on the first {a.peer_prompts} prompts{kv})\n" + table(rows))
     append_jsonl(a.json, *rows)
     if a.plot:
         plot(a.json, a.plot)
