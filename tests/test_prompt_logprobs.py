@@ -12,16 +12,9 @@ import pytest
 import torch
 
 from batchmax.engine import LLM, SamplingParams
-from tests.helpers import hf_model, random_prompts
+from tests.helpers import hf_logprobs, random_prompts
 
 TOP = 2  # alternatives asked for and compared
-
-
-def hf_logprobs(path, prompt: list[int]) -> torch.Tensor:
-    """(len(prompt), V) float32 log-softmax of transformers' logits: row i predicts token i + 1."""
-    with torch.no_grad():
-        logits = hf_model(str(path))(torch.tensor([prompt])).logits[0].float()
-    return torch.log_softmax(logits, -1)
 
 
 def check_prompt_logprobs(prompt_logprobs, prompt: list[int], ref: torch.Tensor, top: int = TOP) -> None:
