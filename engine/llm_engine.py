@@ -286,6 +286,17 @@ class LLMEngine:
         token from it discarded."""
         step.wait()
         now = time.monotonic()  # tokens of this step are known from here on
+        # Prompt rows first: a request's last chunk carries both its last prompt rows and its
+        # first sampled token, and that token may finish it (max_tokens 1, as scoring clients
+        # ask: echo + logprobs; EOS; a stop id). Applied after the token, they would find the
+        # request finished and be dropped: its output would lack the last chunk's logprobs.
+        # ``is_finished`` here means finished before this step's results: aborted.
+        for j, (req, p) in enumerate(step.prompt_rows):
+            if not req.prompt_logprobs:
+                req.prompt_logprobs.append(None)  # the first prompt token has no logprob
+            if req.is_finished or p != len(req.prompt_logprobs):
+                continue  # aborted, or a row this request already has (recomputed prompt)
+            req.prompt_logprobs.append(_token_logprob(step.prompt_logprobs, j, req.prompt_token_ids[p], req.params.prompt_logprobs or 0))
         touched: list[Request] = []
         if step.sampled:
             toks = step.host_tokens.tolist()
@@ -297,12 +308,6 @@ class LLMEngine:
                     req.logprobs.append(_token_logprob(step.logprobs, i, tok, req.params.logprobs))
                 self._append_token(req, tok, now)
                 touched.append(req)
-        for j, (req, p) in enumerate(step.prompt_rows):
-            if not req.prompt_logprobs:
-                req.prompt_logprobs.append(None)  # the first prompt token has no logprob
-            if req.is_finished or p != len(req.prompt_logprobs):
-                continue  # aborted, or a row this request already has (recomputed prompt)
-            req.prompt_logprobs.append(_token_logprob(step.prompt_logprobs, j, req.prompt_token_ids[p], req.params.prompt_logprobs or 0))
         return touched
 
     def _suppressed(self, req: Request) -> list[int]:

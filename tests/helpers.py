@@ -29,6 +29,14 @@ def hf_greedy(path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
+def hf_logprobs(path, prompt_ids: list[int]) -> torch.Tensor:
+    """(len(prompt), V) float32 log-softmax of transformers' logits over the prompt: row i
+    is the distribution of token i + 1 (what scoring reads as prompt logprobs)."""
+    with torch.no_grad():
+        logits = hf_model(str(path))(torch.tensor([prompt_ids])).logits[0].float()
+    return torch.log_softmax(logits, -1)
+
+
 def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 49152) -> list[list[int]]:
     rng = random.Random(seed)
     # skip the special tokens at the start of the vocabulary
