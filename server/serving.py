@@ -222,8 +222,11 @@ class _Choice:
 # the request parameter an engine message is about: (pattern, parameter)
 _PARAM_HINTS = [(r"\bkv[_ ]policy\b|\bpolicy\b", "kv_policy"), (r"\bkv[_ ]budget\b|\bbudget\b", "kv_budget")] + [
     (rf"\b{name}\b", name)
-    for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "logprobs", "prompt_logprobs", "stop_token_ids", "stop", "seed")
+    for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "logprobs", "prompt_logprobs",
+                 "stop_token_ids", "stop", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty")
 ]
+# parameters that carry token ids: their messages say "token id" too, so they come before the prompt's
+_TOKEN_ID_PARAMS = ("stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words")
 
 
 def engine_error(exc: ValueError, prompt_param: str) -> APIError:
@@ -232,8 +235,9 @@ def engine_error(exc: ValueError, prompt_param: str) -> APIError:
     low = msg.lower()
     if "context length" in low:
         return bad_request(msg, param=prompt_param, code="context_length_exceeded")
-    if re.search(r"\bstop_token_ids\b", low):  # before the prompt's: its message says "token id" too
-        return bad_request(msg, param="stop_token_ids", code="invalid_value")
+    for name in _TOKEN_ID_PARAMS:  # before the prompt's: their messages say "token id" too
+        if re.search(rf"\b{name}\b", low):
+            return bad_request(msg, param=name, code="invalid_value")
     if "token id" in low or "prompt" in low:
         return bad_request(msg, param=prompt_param, code="invalid_value")
     # the parameter named first (messages read "min_tokens (9) must not exceed max_tokens (4)")
@@ -283,13 +287,24 @@ class OpenAIServing:
             )
 
     def _params(self, body, max_tokens: int, j: int, logprobs: int | None, prompt_logprobs: int | None, param: str) -> SamplingParams:
+        def pick(name: str, fallback):
+            v = getattr(body, name)
+            return v if v is not None else fallback
+
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
                 min_tokens=body.min_tokens,
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=0 if body.top_k is None else body.top_k,
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", 0),
+                min_p=pick("min_p", 0.0),
+                repetition_penalty=pick("repetition_penalty", 1.0),
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
+                allowed_token_ids=body.allowed_token_ids,
+                bad_words=list(body.bad_words or []),
                 seed=None if body.seed is None else body.seed + j,
                 stop_token_ids=list(body.stop_token_ids or []),
                 stop=body.stop_list,
@@ -319,6 +334,12 @@ class OpenAIServing:
         if i is not None:
             raise bad_request(f"Stop sequences may be at most {settings.max_stop_length} characters long; "
                               f"stop sequence {i} has {len(stops[i])}.", param="stop", code="invalid_value")
+        # bad words are tokenized in the engine core: the same length bound as stop strings
+        words = body.bad_words or []
+        i = next((i for i, w in enumerate(words) if len(w) > settings.max_stop_length), None)
+        if i is not None:
+            raise bad_request(f"Bad words may be at most {settings.max_stop_length} characters long; "
+                              f"bad word {i} has {len(words[i])}.", param="bad_words", code="invalid_value")
 
     async def _submit(self, subs: list[tuple[str, list[int], SamplingParams]], param: str) -> OutputStream:
         try:
