@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import StreamingResponse
 
 from batchmax.engine.async_engine import EngineDeadError, OutputStream
+from batchmax.engine.default_model import resolve_model
 from batchmax.engine.outputs import RequestOutput
 from batchmax.engine.request import TokenLogprob
 from batchmax.engine.sampling import SamplingParams
@@ -229,6 +231,45 @@ _PARAM_HINTS = [(r"\bkv[_ ]policy\b|\bpolicy\b", "kv_policy"), (r"\bkv[_ ]budget
 _TOKEN_ID_PARAMS = ("stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words")
 
 
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""The sampling parameters a model's generation_config.json may give defaults for (vLLM's set,
+less max_new_tokens)."""
+
+
+def model_sampling_defaults(model_path) -> dict[str, float | int]:
+    """The values of ``SAMPLING_DEFAULTS`` that ``model_path``'s generation_config.json sets
+    (transformers' ``GenerationConfig``; unset fields are None). A value ``SamplingParams``
+    would refuse is left out with a warning, so a bad file cannot make every request a 400.
+    As in vLLM, ``do_sample`` is not read: a temperature given there applies."""
+    from transformers import GenerationConfig
+
+    if not (Path(model_path) / "generation_config.json").is_file():
+        return {}
+    try:
+        cfg = GenerationConfig.from_pretrained(model_path)
+    except Exception as exc:
+        logger.warning("could not read the generation config of %s (%s); no sampling defaults", model_path, exc)
+        return {}
+    out: dict[str, float | int] = {}
+    for name in SAMPLING_DEFAULTS:
+        v = getattr(cfg, name, None)
+        if v is None:
+            continue
+        try:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{type(v).__name__} is not a number")
+            if name == "top_k":
+                if v != int(v):
+                    raise ValueError("top_k must be an integer")
+                v = int(v)
+            SamplingParams(**{name: v})
+        except (TypeError, ValueError) as exc:
+            logger.warning("generation_config.json of %s: ignoring %s=%r (%s)", model_path, name, v, exc)
+            continue
+        out[name] = v
+    return out
+
+
 def engine_error(exc: ValueError, prompt_param: str) -> APIError:
     """The engine's (or SamplingParams') ValueError as a 400 naming the parameter."""
     msg = str(exc)
@@ -253,6 +294,8 @@ class OpenAIServing:
         # megabytes takes seconds to encode, and on the loop that would stall every stream.
         # One thread: the server's tokenizer copy is not shared with another thread.
         self._tok_thread = ThreadPoolExecutor(1, thread_name_prefix="batchmax-tokenize")
+        self.sampling_defaults = self._sampling_defaults()
+        """What the model's generation_config.json sets (``--generation-config auto``)."""
 
     async def off_loop(self, fn: Callable, *args, **kwargs) -> Any:
         """``fn(*args, **kwargs)`` in the tokenizer thread (its exceptions, 400s included, propagate)."""
@@ -260,6 +303,22 @@ class OpenAIServing:
 
     def close(self) -> None:
         self._tok_thread.shutdown(wait=False, cancel_futures=True)
+
+    def _sampling_defaults(self) -> dict[str, float | int]:
+        if self.ctx.settings.generation_config == "none":
+            return {}
+        config = getattr(self.ctx.engine, "config", None)  # EngineConfig (core client or in-process engine)
+        if not hasattr(config, "model"):
+            return {}
+        try:
+            path = resolve_model(config.model)
+        except OSError:
+            return {}
+        defaults = model_sampling_defaults(path)
+        if defaults:
+            logger.info("sampling defaults from %s/generation_config.json: %s (a request's own values override them)",
+                        path, ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        return defaults
 
     @property
     def model_name(self) -> str:
@@ -287,9 +346,11 @@ class OpenAIServing:
             )
 
     def _params(self, body, max_tokens: int, j: int, logprobs: int | None, prompt_logprobs: int | None, param: str) -> SamplingParams:
-        def pick(name: str, fallback):
+        defaults = self.sampling_defaults
+
+        def pick(name: str, fallback):  # the request's value, else the model's default, else OpenAI's
             v = getattr(body, name)
-            return v if v is not None else fallback
+            return v if v is not None else defaults.get(name, fallback)
 
         try:
             return SamplingParams(
