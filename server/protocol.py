@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -75,6 +75,12 @@ def validation_error_to_api(err: ValidationError) -> APIError:
 
 
 # ----------------------------------------------------------------------------- requests
+INT64 = (-(2**63), 2**63 - 1)
+TokenId = Annotated[int, Field(ge=INT64[0], le=INT64[1])]
+"""A token id as the engine core's wire carries it (int64); the vocabulary check is the engine's.
+A larger integer would fail to encode and turn a client's mistake into a 500."""
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -94,8 +100,8 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI
+    stop_token_ids: list[TokenId] | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])  # int64, as OpenAI
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     user: str | None = None
@@ -106,7 +112,7 @@ class _SamplingFields(_Request):
     # vLLM's sampling extensions
     repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    allowed_token_ids: list[int] | None = Field(default=None, min_length=1)
+    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
     bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
     # batchmax's extensions: the eviction policy, budget and recall of this request
     kv_policy: str | None = None
@@ -117,7 +123,7 @@ class _SamplingFields(_Request):
     @classmethod
     def _bias_by_token_id(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not re.fullmatch(r"-?\d+", key.strip()):
+            if not re.fullmatch(r"-?\d+", key.strip()) or not INT64[0] <= int(key) <= INT64[1]:
                 raise ValueError(f"keys must be token ids (integers as strings), got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"the bias of token {key} must be between -100 and 100, got {bias}")
@@ -148,7 +154,7 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(default=16, ge=0)
     """OpenAI's default is 16; 0 is allowed only with ``echo`` (scoring the prompt)."""
     logprobs: int | None = Field(default=None, ge=0, le=20)

@@ -46,6 +46,12 @@ def _chat(**kw):
         ("/v1/completions", {"prompt": "x", "bad_words": ["w"] * 129}, "bad_words"),
         ("/v1/completions", {"prompt": "x", "bad_words": ["w" * 257]}, "bad_words"),
         ("/v1/completions", {"prompt": "x", "bad_words": ["a b c d e f g h i j"] * 100}, "bad_words"),  # too many tokens
+        # ids beyond int64 would not even reach the engine's check (its wire is MessagePack)
+        ("/v1/completions", {"prompt": "x", "logit_bias": {str(10**30): 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "allowed_token_ids": [10**30]}, "allowed_token_ids"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [-(10**30)]}, "stop_token_ids"),
+        ("/v1/completions", {"prompt": [1, 10**30]}, "prompt"),
+        ("/v1/completions", {"prompt": [[1], [2, 10**30]]}, "prompt"),
         ("/v1/chat/completions", _chat(presence_penalty=-3), "presence_penalty"),
         ("/v1/chat/completions", _chat(logit_bias={"1.5": 2}), "logit_bias"),
         ("/v1/chat/completions", _chat(allowed_token_ids=[10**9]), "allowed_token_ids"),
