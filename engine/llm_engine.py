@@ -15,6 +15,13 @@ from batchmax.engine.default_model import DEFAULT_MODEL_NAME, resolve_model
 from batchmax.engine.detokenizer import Detokenizer
 from batchmax.engine.faults import StepError
 from batchmax.engine.inflight import LogprobTensors, StepInFlight, to_host
+from batchmax.engine.logits_processors import (
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
+    LogitsProcessors,
+    LogitsSpec,
+    bad_words_token_ids,
+)
 from batchmax.engine.model_runner import ModelRunner
 from batchmax.engine.outputs import RequestOutput
 from batchmax.engine.request import FinishReason, Request, TokenLogprob
@@ -54,6 +61,7 @@ class LLMEngine:
         if config.eviction.kv_recall or config.cache.host_kv_tokens:
             self._ensure_host_store()  # up front: pinning gigabytes mid-serving would stall
         self.sampler = Sampler(self.cache.stager.to_device)
+        self.processors = LogitsProcessors(spec.vocab_size, self.runner.device, self.cache.stager.to_device)
         asc = sc.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if asc is None else asc
         self._inflight: StepInFlight | None = None  # launched, tokens not read yet (async scheduling)
@@ -110,18 +118,49 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        spec = self._logits_spec(params) if params.processes_logits else None
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request has "
                 f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} completion tokens "
                 f"({len(prompt_ids) + params.max_tokens} in total)"
             )
-        req = Request(request_id, list(prompt_ids), params)
+        req = Request(request_id, list(prompt_ids), params, logits_spec=spec)
         self._resolve_policy(req)
         if not self.scheduler.fits_pool(req):
             need = self.scheduler.footprint_tokens(req)
             raise ValueError(f"the request needs {need} tokens of KV cache, more than the pool holds ({self.cache.capacity_tokens})")
         return req
+
+    def _logits_spec(self, params: SamplingParams) -> LogitsSpec:
+        """The request's logits processing, every token id checked against the vocabulary
+        (the messages name the parameter)."""
+        vocab = self.runner.spec.vocab_size
+        for name, ids in (("logit_bias", list(params.logit_bias or ())), ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        words: list[list[int]] = []
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs a tokenizer; this engine runs without one")
+            words = bad_words_token_ids(self.tokenizer, params.bad_words)
+            if len(words) > MAX_BAD_WORDS or sum(map(len, words)) > MAX_BAD_WORD_TOKENS:
+                raise ValueError(
+                    f"bad_words: {len(params.bad_words)} words make {len(words)} token sequences of "
+                    f"{sum(map(len, words))} tokens; at most {MAX_BAD_WORDS} sequences of {MAX_BAD_WORD_TOKENS} tokens in all"
+                )
+            bad = [t for w in words for t in w if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"bad_words: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        return LogitsSpec(
+            logit_bias=dict(params.logit_bias or {}),
+            allowed_token_ids=params.allowed_token_ids,
+            bad_words=words,
+            repetition_penalty=params.repetition_penalty,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+        )
 
     def _resolve_policy(self, req: Request) -> None:
         """The request's policy and per-layer budgets (its own, else the engine's default)."""
@@ -221,6 +260,7 @@ class LLMEngine:
             if r.request_id not in outs:
                 outs[r.request_id] = self._output(r)
         for r in self._finished_unreported:
+            self.processors.release(r)
             self.requests.pop(r.request_id, None)
             self.detok.pop(r.request_id, None)
             self.windows.pop(r.request_id, None)
@@ -263,9 +303,12 @@ class LLMEngine:
 
         sampled = step.sampled
         if sampled:
-            lg = logits[: len(sampled)]  # the sampler may edit these rows in place
+            # bias, allowed ids, bad words, penalties: a float32 copy when any request has
+            # them, else the logits as they are (nothing runs)
+            lg, processed = self.processors.apply(logits[: len(sampled)], sampled)
             suppress = [self._suppressed(r) for r in sampled]  # before this step's token is pending
-            tokens = self.sampler(lg, [r.params for r in sampled], [r.generator for r in sampled], suppress)
+            tokens = self.sampler(lg, [r.params for r in sampled], [r.generator for r in sampled], suppress)  # edits lg in place
+            self.processors.update(processed, tokens)  # counts and tails hold this step's tokens, on the device
             step.tokens, step.host_tokens = tokens, to_host(tokens)
             step.row_of = {r.request_id: i for i, r in enumerate(sampled)}
             want = [r.params.logprobs for r in sampled if r.params.logprobs is not None]

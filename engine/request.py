@@ -63,6 +63,11 @@ class Request:
     scheduling: the next step is launched before this one's tokens are known). They count as
     generated (``num_output_tokens``, ``num_tokens``) but are not in ``output_token_ids``;
     the step that computes one reads it from the device."""
+    logits_spec: object | None = None
+    """The request's ``LogitsSpec`` (logits_processors.py): bias, allowed ids, bad words,
+    penalties, resolved at admission; ``None`` when it has none (most requests)."""
+    logits_slot: int | None = None
+    """Its row in ``LogitsProcessors``' device tables, from its first sampling step on."""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

@@ -3,9 +3,14 @@
 Sampling is per request with the request's own ``torch.Generator`` (seeded by ``seed``, or
 by the engine's seed and the request's arrival order), so a seeded request draws the same
 tokens whatever else is in the batch. Greedy rows are batched through one ``argmax``.
+
+What changes the logits before sampling (``logit_bias``, ``allowed_token_ids``,
+``bad_words``, the penalties) is applied by ``LogitsProcessors`` (``logits_processors.py``);
+the ``Sampler`` then does the min_tokens suppression, temperature, ``min_p``, top-k and top-p.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +49,24 @@ class SamplingParams:
     """Tokens kept per layer and KV head; ``None``: the engine's default."""
     kv_recall: bool | None = None
     """Recall for this request (see ``EvictionConfig.kv_recall``); ``None``: the engine's default."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token the output already holds (-2..2)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted once per occurrence of the token in the output so far (-2..2)."""
+    repetition_penalty: float = 1.0
+    """vLLM's / transformers': the logit of a token seen in the prompt or the output is divided
+    by it where positive, multiplied by it where not (> 0; 1: none)."""
+    min_p: float = 0.0
+    """Keep only tokens whose probability (after temperature) is at least ``min_p`` times the
+    most likely one's (0..1; 0: off)."""
+    logit_bias: dict[int, float] | None = None
+    """OpenAI's: token id -> bias (-100..100) added to its logit."""
+    allowed_token_ids: list[int] | None = None
+    """vLLM's: only these tokens may be generated."""
+    bad_words: list[str] = field(default_factory=list)
+    """vLLM's: words never generated. Each is tokenized as is and with a leading space; a
+    single-token word is always masked, a longer one's last token is masked where the output
+    ends with the others."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,7 +79,7 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -68,10 +91,44 @@ class SamplingParams:
                 raise ValueError(f"{name} must be between 0 and 20, got {v}")
         if self.kv_budget is not None and self.kv_budget <= 0:
             raise ValueError(f"kv_budget must be positive, got {self.kv_budget}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a positive number, got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be between 0 and 1, got {self.min_p}")
+        if self.logit_bias is not None:
+            bias = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    tid = int(k)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias: keys must be token ids, got {k!r}") from None
+                if not -100.0 <= float(v) <= 100.0:
+                    raise ValueError(f"logit_bias: the bias of token {tid} must be between -100 and 100, got {v}")
+                bias[tid] = float(v)
+            self.logit_bias = bias or None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (no token could be generated)")
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        self.bad_words = list(self.bad_words)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything changes this request's logits before sampling
+        (``LogitsProcessors``); the min_tokens suppression and ``min_p`` are the sampler's."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+            or self.logit_bias or self.allowed_token_ids is not None or self.bad_words
+        )
 
 
 class Sampler:
@@ -90,7 +147,9 @@ class Sampler:
         suppress: list[list[int]],
     ) -> torch.Tensor:  # (B,) int64 on the logits' device
         """``suppress[i]`` lists token ids row i may not produce (EOS before min_tokens); they
-        are set to -inf in ``logits`` itself, so logprobs read afterwards exclude them.
+        are set to -inf in ``logits`` itself, so logprobs read afterwards exclude them (as they
+        include what ``LogitsProcessors`` did before). Temperature, ``min_p``, top-k and top-p
+        work on a float32 copy of each sampled row: logprobs never see them.
         Greedy rows take the argmax in the logits' own dtype (casting to float32 is exact and
         monotonic, so the pick is the same); sampled rows are cast to float32 first."""
         rows = [i for i, ids in enumerate(suppress) for _ in ids]
@@ -100,15 +159,34 @@ class Sampler:
             idx = (self.to_device(rows, torch.int64), self.to_device(cols, torch.int64))
             logits.index_put_(idx, logits.new_full((), float("-inf")))
         out = logits.argmax(dim=-1)
-        for i, p in enumerate(params):
-            if p.greedy:
-                continue
-            out[i] = self._sample_row(logits[i].float(), p, generators[i])
+        rows = [i for i, p in enumerate(params) if not p.greedy and p.min_p == 0.0]
+        for i in rows:
+            out[i] = self._sample_row(logits[i].float() / params[i].temperature, params[i], generators[i])
+        rows = [i for i, p in enumerate(params) if not p.greedy and p.min_p > 0.0]
+        if rows:
+            # min_p for these rows at once, on a temperature-scaled float32 copy (the logits
+            # stay as logprobs read them); the other rows never go through this path, so
+            # what they draw does not depend on whether a min_p row shares their batch
+            idx = self.to_device(rows, torch.int64)
+            temps = self.to_device([params[i].temperature for i in rows], torch.float32)
+            min_p = self.to_device([params[i].min_p for i in rows], torch.float32)
+            scaled = self.apply_min_p(logits.index_select(0, idx).float() / temps.unsqueeze(1), min_p)
+            for j, i in enumerate(rows):
+                out[i] = self._sample_row(scaled[j], params[i], generators[i])
         return out
 
     @staticmethod
+    def apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+        """vLLM's min_p: drop the tokens whose probability is below ``min_p`` (S,) times the
+        row's largest. ``scaled`` (S, V): logits after temperature. A row with min_p 0 keeps
+        everything."""
+        probs = torch.softmax(scaled, dim=-1)
+        keep = probs >= min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        return scaled.masked_fill(~keep, float("-inf"))
+
+    @staticmethod
     def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-        logits = logits / p.temperature  # (V,)
+        """``logits`` (V,): one row, float32, already divided by the temperature."""
         if p.top_k > 0 and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -109,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_stop_sequences=args.max_stop_sequences,
             max_stop_length=args.max_stop_length,
             unhealthy_after_step_failures=args.unhealthy_after_step_failures,
+            generation_config=args.generation_config,
             log_level=args.log_level,
         )
         config = EngineConfig.from_kwargs(**engine_kwargs(args))
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-stop-length", type=int, default=256, help="longest stop string in characters; beyond, 400")
     s.add_argument("--unhealthy-after-step-failures", type=int, default=3,
                    help="/health answers 503 after this many engine steps in a row failed (a success resets it)")
+    s.add_argument("--generation-config", default="auto", choices=["auto", "none"],
+                   help="auto: the model folder's generation_config.json sets the defaults of temperature, top_p, top_k, "
+                        "min_p and repetition_penalty (a request's own values override them); none: OpenAI's defaults")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--debug-profile", default=None, metavar="FILE",
                    help="performance work only: sample the front end's main thread and write where it spent its time to FILE at exit")

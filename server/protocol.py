@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from batchmax.engine.logits_processors import MAX_BAD_WORDS
 
 
 # ----------------------------------------------------------------------------- errors
@@ -73,6 +75,12 @@ def validation_error_to_api(err: ValidationError) -> APIError:
 
 
 # ----------------------------------------------------------------------------- requests
+INT64 = (-(2**63), 2**63 - 1)
+TokenId = Annotated[int, Field(ge=INT64[0], le=INT64[1])]
+"""A token id as the engine core's wire carries it (int64); the vocabulary check is the engine's.
+A larger integer would fail to encode and turn a client's mistake into a 500."""
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -92,27 +100,38 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI
+    stop_token_ids: list[TokenId] | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])  # int64, as OpenAI
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    """Token id (a string, as JSON keys are) -> bias in -100..100, added to its logit."""
+    # vLLM's sampling extensions
+    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
     # batchmax's extensions: the eviction policy, budget and recall of this request
     kv_policy: str | None = None
     kv_budget: int | None = Field(default=None, gt=0)
     kv_recall: bool | None = None
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_by_token_id(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not re.fullmatch(r"-?\d+", key.strip()) or not INT64[0] <= int(key) <= INT64[1]:
+                raise ValueError(f"keys must be token ids (integers as strings), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} must be between -100 and 100, got {bias}")
+        return v
+
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) of a known OpenAI feature batchmax cannot honour, else None.
         Silently ignoring these would change results, so they are rejected."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                return name, f"'{name}' is not supported by this server; send 0 or omit it."
-        if self.logit_bias:
-            return "logit_bias", "'logit_bias' is not supported by this server."
         return None
 
     @property
@@ -135,7 +154,7 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(default=16, ge=0)
     """OpenAI's default is 16; 0 is allowed only with ``echo`` (scoring the prompt)."""
     logprobs: int | None = Field(default=None, ge=0, le=20)

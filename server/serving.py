@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import StreamingResponse
 
 from batchmax.engine.async_engine import EngineDeadError, OutputStream
+from batchmax.engine.default_model import resolve_model
 from batchmax.engine.outputs import RequestOutput
 from batchmax.engine.request import TokenLogprob
 from batchmax.engine.sampling import SamplingParams
@@ -222,8 +224,50 @@ class _Choice:
 # the request parameter an engine message is about: (pattern, parameter)
 _PARAM_HINTS = [(r"\bkv[_ ]policy\b|\bpolicy\b", "kv_policy"), (r"\bkv[_ ]budget\b|\bbudget\b", "kv_budget")] + [
     (rf"\b{name}\b", name)
-    for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "logprobs", "prompt_logprobs", "stop_token_ids", "stop", "seed")
+    for name in ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "logprobs", "prompt_logprobs",
+                 "stop_token_ids", "stop", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty")
 ]
+# parameters that carry token ids: their messages say "token id" too, so they come before the prompt's
+_TOKEN_ID_PARAMS = ("stop_token_ids", "logit_bias", "allowed_token_ids", "bad_words")
+
+
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""The sampling parameters a model's generation_config.json may give defaults for (vLLM's set,
+less max_new_tokens)."""
+
+
+def model_sampling_defaults(model_path) -> dict[str, float | int]:
+    """The values of ``SAMPLING_DEFAULTS`` that ``model_path``'s generation_config.json sets
+    (transformers' ``GenerationConfig``; unset fields are None). A value ``SamplingParams``
+    would refuse is left out with a warning, so a bad file cannot make every request a 400.
+    As in vLLM, ``do_sample`` is not read: a temperature given there applies."""
+    from transformers import GenerationConfig
+
+    if not (Path(model_path) / "generation_config.json").is_file():
+        return {}
+    try:
+        cfg = GenerationConfig.from_pretrained(model_path)
+    except Exception as exc:
+        logger.warning("could not read the generation config of %s (%s); no sampling defaults", model_path, exc)
+        return {}
+    out: dict[str, float | int] = {}
+    for name in SAMPLING_DEFAULTS:
+        v = getattr(cfg, name, None)
+        if v is None:
+            continue
+        try:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{type(v).__name__} is not a number")
+            if name == "top_k":
+                if v != int(v):
+                    raise ValueError("top_k must be an integer")
+                v = int(v)
+            SamplingParams(**{name: v})
+        except (TypeError, ValueError) as exc:
+            logger.warning("generation_config.json of %s: ignoring %s=%r (%s)", model_path, name, v, exc)
+            continue
+        out[name] = v
+    return out
 
 
 def engine_error(exc: ValueError, prompt_param: str) -> APIError:
@@ -232,8 +276,9 @@ def engine_error(exc: ValueError, prompt_param: str) -> APIError:
     low = msg.lower()
     if "context length" in low:
         return bad_request(msg, param=prompt_param, code="context_length_exceeded")
-    if re.search(r"\bstop_token_ids\b", low):  # before the prompt's: its message says "token id" too
-        return bad_request(msg, param="stop_token_ids", code="invalid_value")
+    for name in _TOKEN_ID_PARAMS:  # before the prompt's: their messages say "token id" too
+        if re.search(rf"\b{name}\b", low):
+            return bad_request(msg, param=name, code="invalid_value")
     if "token id" in low or "prompt" in low:
         return bad_request(msg, param=prompt_param, code="invalid_value")
     # the parameter named first (messages read "min_tokens (9) must not exceed max_tokens (4)")
@@ -249,6 +294,8 @@ class OpenAIServing:
         # megabytes takes seconds to encode, and on the loop that would stall every stream.
         # One thread: the server's tokenizer copy is not shared with another thread.
         self._tok_thread = ThreadPoolExecutor(1, thread_name_prefix="batchmax-tokenize")
+        self.sampling_defaults = self._sampling_defaults()
+        """What the model's generation_config.json sets (``--generation-config auto``)."""
 
     async def off_loop(self, fn: Callable, *args, **kwargs) -> Any:
         """``fn(*args, **kwargs)`` in the tokenizer thread (its exceptions, 400s included, propagate)."""
@@ -256,6 +303,22 @@ class OpenAIServing:
 
     def close(self) -> None:
         self._tok_thread.shutdown(wait=False, cancel_futures=True)
+
+    def _sampling_defaults(self) -> dict[str, float | int]:
+        if self.ctx.settings.generation_config == "none":
+            return {}
+        config = getattr(self.ctx.engine, "config", None)  # EngineConfig (core client or in-process engine)
+        if not hasattr(config, "model"):
+            return {}
+        try:
+            path = resolve_model(config.model)
+        except OSError:
+            return {}
+        defaults = model_sampling_defaults(path)
+        if defaults:
+            logger.info("sampling defaults from %s/generation_config.json: %s (a request's own values override them)",
+                        path, ", ".join(f"{k}={v}" for k, v in defaults.items()))
+        return defaults
 
     @property
     def model_name(self) -> str:
@@ -283,13 +346,26 @@ class OpenAIServing:
             )
 
     def _params(self, body, max_tokens: int, j: int, logprobs: int | None, prompt_logprobs: int | None, param: str) -> SamplingParams:
+        defaults = self.sampling_defaults
+
+        def pick(name: str, fallback):  # the request's value, else the model's default, else OpenAI's
+            v = getattr(body, name)
+            return v if v is not None else defaults.get(name, fallback)
+
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
                 min_tokens=body.min_tokens,
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=0 if body.top_k is None else body.top_k,
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", 0),
+                min_p=pick("min_p", 0.0),
+                repetition_penalty=pick("repetition_penalty", 1.0),
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
+                allowed_token_ids=body.allowed_token_ids,
+                bad_words=list(body.bad_words or []),
                 seed=None if body.seed is None else body.seed + j,
                 stop_token_ids=list(body.stop_token_ids or []),
                 stop=body.stop_list,
@@ -319,6 +395,12 @@ class OpenAIServing:
         if i is not None:
             raise bad_request(f"Stop sequences may be at most {settings.max_stop_length} characters long; "
                               f"stop sequence {i} has {len(stops[i])}.", param="stop", code="invalid_value")
+        # bad words are tokenized in the engine core: the same length bound as stop strings
+        words = body.bad_words or []
+        i = next((i for i, w in enumerate(words) if len(w) > settings.max_stop_length), None)
+        if i is not None:
+            raise bad_request(f"Bad words may be at most {settings.max_stop_length} characters long; "
+                              f"bad word {i} has {len(words[i])}.", param="bad_words", code="invalid_value")
 
     async def _submit(self, subs: list[tuple[str, list[int], SamplingParams]], param: str) -> OutputStream:
         try:

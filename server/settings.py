@@ -39,6 +39,10 @@ class ServerSettings:
     so an orchestrator restarts a server whose engine is broken (a lost device, say) instead of
     routing traffic to it; one successful step makes it healthy again. A single bad request
     fails one step and does not trip it."""
+    generation_config: str = "auto"
+    """``auto``: the sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty)
+    of the model folder's ``generation_config.json`` apply to requests that do not set them
+    (vLLM's ``--generation-config auto``); ``none``: OpenAI's defaults."""
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -55,5 +59,7 @@ class ServerSettings:
         for name in ("max_sequences_per_call", "max_stop_sequences", "max_stop_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.generation_config not in ("auto", "none"):
+            raise ValueError(f"generation_config must be 'auto' or 'none', got {self.generation_config!r}")
         if self.unhealthy_after_step_failures < 1:
             raise ValueError("unhealthy_after_step_failures must be >= 1")

@@ -117,7 +117,7 @@ def test_malformed_json(server):
         ("/v1/completions", {"prompt": "x", "logprobs": 50}, "logprobs"),
         ("/v1/completions", {"prompt": "x", "kv_budget": 0}, "kv_budget"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 9}, "min_tokens"),
-        ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
         ("/v1/completions", {}, "prompt"),
         ("/v1/completions", {"prompt": []}, "prompt"),
