@@ -48,6 +48,11 @@ def _ready(ctx: ServerContext) -> OpenAIServing:
     return ctx.serving
 
 
+async def _read(request: Request, ctx: ServerContext) -> bytes:
+    s = ctx.settings
+    return await read_body(request, s.max_body_bytes, s.timeout_body, s.timeout_body_chunk)
+
+
 def _check_model(ctx: ServerContext, model: str | None) -> None:
     if model is not None and model != ctx.model_name:
         raise APIError(404, f"The model `{model}` does not exist.", "invalid_request_error", param="model", code="model_not_found")
@@ -100,7 +105,7 @@ async def model(model_id: str, request: Request) -> Response:
 
 async def _generate(request: Request, model_cls, handler: Callable[[OpenAIServing, Any, Request], Awaitable[Response]]) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await read_body(request, ctx.settings.max_body_bytes), model_cls)
+    body = parse_body(await _read(request, ctx), model_cls)
     # admission counts the engine requests the call makes, known from the parsed body
     ticket = ctx.admit(body.num_prompts, body.n, body.prompt_param)
     try:
@@ -132,7 +137,7 @@ async def chat_completions(request: Request) -> Response:
 @protected.post("/tokenize")
 async def tokenize(request: Request) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await read_body(request, ctx.settings.max_body_bytes), TokenizeRequest)
+    body = parse_body(await _read(request, ctx), TokenizeRequest)
     serving = _ready(ctx)
     _check_model(ctx, body.model)
     if body.messages is not None:
@@ -146,7 +151,7 @@ async def tokenize(request: Request) -> Response:
 @protected.post("/detokenize")
 async def detokenize(request: Request) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await read_body(request, ctx.settings.max_body_bytes), DetokenizeRequest)
+    body = parse_body(await _read(request, ctx), DetokenizeRequest)
     serving = _ready(ctx)
     tok = serving.tokenizer("tokens")
     _check_model(ctx, body.model)
