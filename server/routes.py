@@ -140,11 +140,16 @@ async def tokenize(request: Request) -> Response:
     body = parse_body(await _read(request, ctx), TokenizeRequest)
     serving = _ready(ctx)
     _check_model(ctx, body.model)
+    # no size check here: /tokenize counts what a client may then trim (large jobs still
+    # leave a tokenizer thread to small ones)
     if body.messages is not None:
-        tokens = await serving.off_loop(serving.chat_prompt, serving.chat_messages(body), body)
+        messages = serving.chat_messages(body)
+        serving.tokenizer("messages")
+        tokens = await serving.off_loop(serving.chat_prompt, messages, body, chars=sum(len(m["content"]) for m in messages))
     else:
-        tok = serving.tokenizer("prompt")
-        tokens = await serving.off_loop(tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
+        serving.tokenizer("prompt")
+        tokens = await serving.off_loop(lambda tok: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens),
+                                        chars=len(body.prompt))
     return JSONResponse({"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens})
 
 
@@ -159,7 +164,7 @@ async def detokenize(request: Request) -> Response:
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens", code="invalid_value")
-    return JSONResponse({"prompt": await serving.off_loop(tok.decode, body.tokens)})
+    return JSONResponse({"prompt": await serving.off_loop(lambda t: t.decode(body.tokens), chars=len(body.tokens))})
 
 
 @protected.get("/openapi.json", include_in_schema=False)
