@@ -252,3 +252,12 @@ def test_an_open_file_limit_that_cannot_fit_the_connections_is_warned_about(monk
         assert ensure_open_files(1024) == 300
     assert limits["now"] == (300, 300)
     assert "open-file limit (300) is below --limit-concurrency (1024)" in caplog.text
+
+
+def test_the_schema_documents_the_408():
+    from batchmax.server.app import build_app
+
+    paths = build_app(lambda: None).openapi()["paths"]
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        assert "408" in paths[path]["post"]["responses"], path
+    assert "408" not in paths["/v1/models"]["get"]["responses"]
