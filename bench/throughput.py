@@ -120,7 +120,12 @@ def run_vllm(prompts, out_len: int, a) -> dict:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"vLLM exited with {r.returncode}: {r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    from bench.vllm_peer import MARK
+
+    lines = [x for x in r.stdout.splitlines() if x.startswith(MARK)]
+    if not lines:
+        raise RuntimeError(f"vLLM printed no result line; its output ends: {(r.stdout + r.stderr)[-3000:]}")
+    return json.loads(lines[-1][len(MARK):])
 
 
 def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:

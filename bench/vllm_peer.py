@@ -6,13 +6,16 @@ Settings: vLLM 0.26's defaults for ``LLM`` (chunked prefill, CUDA graphs, torch.
 async scheduling, 0.9 of the GPU's memory) except prefix caching, which is off (the prompts
 share no prefix, but its hashing is work batchmax does not do), and the KV pool when
 ``--kv-bytes`` caps it (``kv_cache_memory_bytes``). One warm-up ``generate`` on the workload's
-shapes runs before the timed one. Prints one JSON line: what ``throughput.finish`` takes.
+shapes runs before the timed one. Prints one line, ``MARK`` + JSON: what ``throughput.finish`` takes.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+
+MARK = "VLLM_PEER_RESULT "
+"""Starts the result's line: vLLM writes its own lines to stdout too, before and after it."""
 
 
 def main(argv=None) -> int:
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     cache = llm.llm_engine.vllm_config.cache_config
     blocks = getattr(cache, "num_gpu_blocks", None)
-    print(json.dumps(dict(system="vllm", config="0.26 defaults, prefix caching off", prompts=len(prompts), elapsed_s=elapsed,
+    print(MARK + json.dumps(dict(system="vllm", config="0.26 defaults, prefix caching off", prompts=len(prompts), elapsed_s=elapsed,
                           out_tokens=produced, peak_batch=None, peak_gb=None,
                           kv_pool_tokens=blocks * cache.block_size if blocks else None)))
     return 0

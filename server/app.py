@@ -15,8 +15,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from batchmax.server import routes
 from batchmax.server.context import ServerContext
@@ -75,6 +76,14 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
             msg = f"Unknown route: {request.method} {request.url.path}"
         code = "invalid_request" if exc.status_code == 400 else None  # every 400 carries a code
         return _error(APIError(exc.status_code, msg, kind, code=code, headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        # the client went away before its body was read whole (an abandoned upload): nothing
+        # is wrong here, and nobody reads the answer
+        logger.debug("client %s disconnected before sending the whole body of %s %s",
+                     request.client.host if request.client else "?", request.method, request.url.path)
+        return Response(status_code=499)  # nginx's "client closed request"
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):

@@ -110,6 +110,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_stop_length=args.max_stop_length,
             unhealthy_after_step_failures=args.unhealthy_after_step_failures,
             generation_config=args.generation_config,
+            timeout_header=args.timeout_header,
+            timeout_body=args.timeout_body,
+            timeout_body_chunk=args.timeout_body_chunk,
+            timeout_keep_alive=args.timeout_keep_alive,
+            limit_concurrency=args.limit_concurrency,
             log_level=args.log_level,
         )
         config = EngineConfig.from_kwargs(**engine_kwargs(args))
@@ -145,6 +150,7 @@ def _run_uvicorn(app, settings) -> int:
     import uvicorn
 
     from batchmax.server.app import drain
+    from batchmax.server.transport import ensure_open_files, uvicorn_config
 
     class DrainingServer(uvicorn.Server):
         """uvicorn, except that the first SIGTERM/SIGINT drains the app before exiting."""
@@ -175,10 +181,8 @@ def _run_uvicorn(app, settings) -> int:
             finally:
                 self.should_exit = True
 
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=5, access_log=settings.log_level == "debug",
-    )
+    ensure_open_files(settings.limit_concurrency)
+    config = uvicorn_config(app, settings, timeout_graceful_shutdown=5, access_log=settings.log_level == "debug")
     server = DrainingServer(config)
     ctx = app.state.bm
     ctx.on_fatal = lambda: setattr(server, "should_exit", True)
@@ -253,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--generation-config", default="auto", choices=["auto", "none"],
                    help="auto: the model folder's generation_config.json sets the defaults of temperature, top_p, top_k, "
                         "min_p and repetition_penalty (a request's own values override them); none: OpenAI's defaults")
+    s.add_argument("--timeout-header", type=float, default=10.0, metavar="S",
+                   help="seconds a connection has to send a request's headers (then it is closed, 408 if part came)")
+    s.add_argument("--timeout-body", type=float, default=60.0, metavar="S",
+                   help="seconds a request has to send its whole body (408 beyond)")
+    s.add_argument("--timeout-body-chunk", type=float, default=10.0, metavar="S",
+                   help="seconds a request body may stall between two pieces (408 beyond)")
+    s.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="S",
+                   help="seconds an idle kept-alive connection stays open after a response")
+    s.add_argument("--limit-concurrency", type=int, default=1024, metavar="N",
+                   help="most connections served at once; a request beyond is answered 503 (too_many_connections)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--debug-profile", default=None, metavar="FILE",
                    help="performance work only: sample the front end's main thread and write where it spent its time to FILE at exit")

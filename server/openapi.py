@@ -59,9 +59,10 @@ _ERRORS = {
     "400": "Invalid request (malformed body, bad parameter, prompt over the context).",
     "401": "Missing or wrong API key (when the server has one).",
     "404": "Unknown model.",
+    "408": "The request body did not arrive in time (the connection closes).",
     "413": "The request body is larger than the server accepts.",
     "500": "The engine failed while running the request.",
-    "503": "Loading, shutting down, or the queue is full (with Retry-After).",
+    "503": "Loading, shutting down, the queue is full, or too many connections are open (with Retry-After).",
 }
 
 
@@ -103,7 +104,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                 continue
             statuses = {"401", "404", "503"}
             if key in REQUEST_BODIES:
-                statuses |= {"400", "413"}
+                statuses |= {"400", "408", "413"}
             if key in STREAMING:  # generation routes: the engine may fail
                 statuses.add("500")
             for status in sorted(statuses):

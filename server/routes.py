@@ -48,6 +48,11 @@ def _ready(ctx: ServerContext) -> OpenAIServing:
     return ctx.serving
 
 
+async def _read(request: Request, ctx: ServerContext) -> bytes:
+    s = ctx.settings
+    return await read_body(request, s.max_body_bytes, s.timeout_body, s.timeout_body_chunk)
+
+
 def _check_model(ctx: ServerContext, model: str | None) -> None:
     if model is not None and model != ctx.model_name:
         raise APIError(404, f"The model `{model}` does not exist.", "invalid_request_error", param="model", code="model_not_found")
@@ -100,7 +105,7 @@ async def model(model_id: str, request: Request) -> Response:
 
 async def _generate(request: Request, model_cls, handler: Callable[[OpenAIServing, Any, Request], Awaitable[Response]]) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await read_body(request, ctx.settings.max_body_bytes), model_cls)
+    body = parse_body(await _read(request, ctx), model_cls)
     # admission counts the engine requests the call makes, known from the parsed body
     ticket = ctx.admit(body.num_prompts, body.n, body.prompt_param)
     try:
@@ -132,21 +137,26 @@ async def chat_completions(request: Request) -> Response:
 @protected.post("/tokenize")
 async def tokenize(request: Request) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await read_body(request, ctx.settings.max_body_bytes), TokenizeRequest)
+    body = parse_body(await _read(request, ctx), TokenizeRequest)
     serving = _ready(ctx)
     _check_model(ctx, body.model)
+    # no size check here: /tokenize counts what a client may then trim (large jobs still
+    # leave a tokenizer thread to small ones)
     if body.messages is not None:
-        tokens = await serving.off_loop(serving.chat_prompt, serving.chat_messages(body), body)
+        messages = serving.chat_messages(body)
+        serving.tokenizer("messages")
+        tokens = await serving.off_loop(serving.chat_prompt, messages, body, chars=sum(len(m["content"]) for m in messages))
     else:
-        tok = serving.tokenizer("prompt")
-        tokens = await serving.off_loop(tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
+        serving.tokenizer("prompt")
+        tokens = await serving.off_loop(lambda tok: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens),
+                                        chars=len(body.prompt))
     return JSONResponse({"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens})
 
 
 @protected.post("/detokenize")
 async def detokenize(request: Request) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await read_body(request, ctx.settings.max_body_bytes), DetokenizeRequest)
+    body = parse_body(await _read(request, ctx), DetokenizeRequest)
     serving = _ready(ctx)
     tok = serving.tokenizer("tokens")
     _check_model(ctx, body.model)
@@ -154,7 +164,7 @@ async def detokenize(request: Request) -> Response:
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens", code="invalid_value")
-    return JSONResponse({"prompt": await serving.off_loop(tok.decode, body.tokens)})
+    return JSONResponse({"prompt": await serving.off_loop(lambda t: t.decode(body.tokens), chars=len(body.tokens))})
 
 
 @protected.get("/openapi.json", include_in_schema=False)

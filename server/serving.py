@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +52,8 @@ from batchmax.server.protocol import (
     bad_request,
     validation_error_to_api,
 )
+from batchmax.server.tokenizing import TokenizerPool, bytes_per_token_bound, utf8_len
+from batchmax.server.tokenizing import bytes_to_unicode as _bytes_to_unicode
 
 if TYPE_CHECKING:
     from batchmax.server.context import ServerContext
@@ -160,19 +160,6 @@ class SSEResponse(StreamingResponse):
 
 
 # ----------------------------------------------------------------------------- token strings
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level BPE alphabet: every byte as a printable character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 class TokenStrings:
     """A token's text and raw bytes, as OpenAI shows them in logprobs (cached)."""
 
@@ -290,19 +277,27 @@ class OpenAIServing:
     def __init__(self, ctx: "ServerContext") -> None:
         self.ctx = ctx
         self.tokens = TokenStrings(ctx.tokenizer)
-        # Tokenising and chat templating run here, not on the event loop: a prompt of
-        # megabytes takes seconds to encode, and on the loop that would stall every stream.
-        # One thread: the server's tokenizer copy is not shared with another thread.
-        self._tok_thread = ThreadPoolExecutor(1, thread_name_prefix="batchmax-tokenize")
+        # Tokenising and chat templating run in a pool of threads, each with a tokenizer copy
+        # of its own, not on the event loop: a prompt of megabytes takes seconds to encode,
+        # and on the loop that would stall every stream (server/tokenizing.py). The loop
+        # keeps ctx.tokenizer for the little it decodes itself (logprobs, echo).
+        self.tokenizer_pool = TokenizerPool(ctx.tokenizer)
+        # a prompt of more bytes than this cannot fit the context whatever its text: refused
+        # before it is tokenized (None: this tokenizer gives no bound)
+        bound = bytes_per_token_bound(ctx.tokenizer) if ctx.tokenizer is not None else None
+        self.bytes_per_token = bound
+        self.max_prompt_bytes = ctx.max_model_len * bound if bound else None
         self.sampling_defaults = self._sampling_defaults()
         """What the model's generation_config.json sets (``--generation-config auto``)."""
 
-    async def off_loop(self, fn: Callable, *args, **kwargs) -> Any:
-        """``fn(*args, **kwargs)`` in the tokenizer thread (its exceptions, 400s included, propagate)."""
-        return await asyncio.get_running_loop().run_in_executor(self._tok_thread, functools.partial(fn, *args, **kwargs))
+    async def off_loop(self, fn: Callable, *args, chars: int = 0, **kwargs) -> Any:
+        """``fn(tokenizer, *args, **kwargs)`` in a tokenizer thread, with a tokenizer copy of
+        its own (its exceptions, 400s included, propagate); ``chars``: the text it holds, so
+        that large jobs leave a thread to small ones."""
+        return await self.tokenizer_pool.run(fn, *args, chars=chars, **kwargs)
 
     def close(self) -> None:
-        self._tok_thread.shutdown(wait=False, cancel_futures=True)
+        self.tokenizer_pool.close()
 
     def _sampling_defaults(self) -> dict[str, float | int]:
         if self.ctx.settings.generation_config == "none":
@@ -325,8 +320,9 @@ class OpenAIServing:
         return self.ctx.model_name
 
     def tokenizer(self, param: str):
-        """The tokenizer, or a 400 when the engine runs without one (shape-only benchmark
-        models): then only token-id prompts are served."""
+        """The event loop's tokenizer (only for use on the loop: work in threads goes through
+        ``off_loop``, which hands each job a copy of its own), or a 400 when the engine runs
+        without one (shape-only benchmark models): then only token-id prompts are served."""
         if self.ctx.tokenizer is None:
             raise bad_request("This server runs without a tokenizer: send token ids to /v1/completions.", param=param,
                               code="unsupported_value")
@@ -341,6 +337,23 @@ class OpenAIServing:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the {where}, {max_tokens} in the completion). "
                 "Please reduce the length of the prompt or the completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def _bytes_check(self, texts: list[str], param: str, strip: bool = False) -> None:
+        """Refuse, before tokenizing, a prompt whose text (``texts`` together; ``strip``: each
+        stripped) has more bytes than the context can hold at the vocabulary's longest token."""
+        limit = self.max_prompt_bytes
+        if limit is None or sum(map(len, texts)) * 4 <= limit:  # a character is at most 4 bytes
+            return
+        nbytes = sum(utf8_len(t.strip() if strip else t) for t in texts)
+        if nbytes > limit:
+            where = "messages" if param == "messages" else "prompt"
+            raise bad_request(
+                f"This model's maximum context length is {self.ctx.max_model_len} tokens, and none of its tokens "
+                f"covers more than {self.bytes_per_token} bytes of text: the {nbytes} bytes in the {where} cannot fit "
+                f"(at most {limit}). Please reduce the length of the {where}.",
                 param=param,
                 code="context_length_exceeded",
             )
@@ -481,16 +494,21 @@ class OpenAIServing:
                 c.tracker.finish("abort")
 
     # ---------------------------------------------------------------- completions
-    def _tokenize_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
+    @staticmethod
+    def _prompt_items(body: CompletionRequest) -> list:
+        """The call's prompts, each a string or a list of token ids."""
         p = body.prompt
         if isinstance(p, str):
-            p = [p]
-        elif p and isinstance(p[0], int):
-            p = [p]
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+    def _tokenize_prompts(self, tok, body: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
         ids, texts = [], []
-        for item in p:
+        for item in self._prompt_items(body):
             if isinstance(item, str):
-                ids.append(self.tokenizer("prompt").encode(item, add_special_tokens=body.add_special_tokens))
+                ids.append(tok.encode(item, add_special_tokens=body.add_special_tokens))
                 texts.append(item)
             else:
                 ids.append(list(item))
@@ -509,10 +527,14 @@ class OpenAIServing:
             raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo).", param="max_tokens", code="invalid_value")
         # max_tokens 0 with echo scores the prompt: generate one token, show none
         score_only = max_tokens == 0
-        p = body.prompt
-        has_text = isinstance(p, str) or any(isinstance(x, str) for x in p)
-        # token-id prompts need no tokenizer: they do not queue behind another request's text
-        prompts, texts = await self.off_loop(self._tokenize_prompts, body) if has_text else self._tokenize_prompts(body)
+        strings = [x for x in self._prompt_items(body) if isinstance(x, str)]
+        if strings:
+            self.tokenizer("prompt")  # 400 without one
+            for text in strings:  # each prompt must fit on its own
+                self._bytes_check([text], "prompt")
+            prompts, texts = await self.off_loop(self._tokenize_prompts, body, chars=sum(map(len, strings)))
+        else:  # token-id prompts need no tokenizer: they do not queue behind another request's text
+            prompts, texts = self._tokenize_prompts(None, body)
         for ids in prompts:
             if not ids:
                 raise bad_request("The prompt is empty.", param="prompt", code="invalid_value")
@@ -561,8 +583,7 @@ class OpenAIServing:
         return JSONResponse(resp.model_dump())
 
     # ---------------------------------------------------------------- chat
-    def chat_prompt(self, messages: list[dict], body) -> list[int]:
-        tok = self.tokenizer("messages")
+    def chat_prompt(self, tok, messages: list[dict], body) -> list[int]:
         if not getattr(tok, "chat_template", None):
             raise bad_request("This model has no chat template; use /v1/completions.", param="messages", code="unsupported_value")
         cont = getattr(body, "continue_final_message", False)
@@ -578,6 +599,15 @@ class OpenAIServing:
                               code="invalid_value") from None
         # the template already holds the special tokens
         return tok.encode(text, add_special_tokens=False)
+
+    async def chat_tokens(self, messages: list[dict], body) -> list[int]:
+        """The chat prompt's token ids, tokenized off the loop; refused at once (400) when
+        the messages' text alone cannot fit the context."""
+        self.tokenizer("messages")  # 400 without one
+        contents = [m["content"] for m in messages]
+        # templates may trim the content (``| trim``): only what is left counts
+        self._bytes_check(contents, "messages", strip=True)
+        return await self.off_loop(self.chat_prompt, messages, body, chars=sum(map(len, contents)))
 
     @staticmethod
     def chat_messages(body) -> list[dict]:
@@ -600,7 +630,8 @@ class OpenAIServing:
     async def create_chat_completion(self, body: ChatCompletionRequest, request: Request) -> Response:
         start = time.monotonic()
         self._check_common(body)
-        prompt_ids = await self.off_loop(self.chat_prompt, self.chat_messages(body), body)
+        messages = self.chat_messages(body)
+        prompt_ids = await self.chat_tokens(messages, body)
         if not prompt_ids:
             raise bad_request("The messages are empty.", param="messages", code="invalid_value")
         max_tokens = body.max_new_tokens

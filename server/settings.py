@@ -43,6 +43,25 @@ class ServerSettings:
     """``auto``: the sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty)
     of the model folder's ``generation_config.json`` apply to requests that do not set them
     (vLLM's ``--generation-config auto``); ``none``: OpenAI's defaults."""
+    timeout_header: float = 10.0
+    """Seconds a connection has to send a request's headers, counted from its opening or, on a
+    kept-alive connection, from the next request's first byte; then it is closed (with a 408
+    if part of a request came). Idle and slow-header connections (slowloris) cannot pile up."""
+    timeout_body: float = 60.0
+    """Seconds a request has to send its whole body, from the end of its headers (408 beyond;
+    at the 32 MiB default body limit that asks for ~0.5 MiB/s at least)."""
+    timeout_body_chunk: float = 10.0
+    """Seconds the body may stall between two of its pieces (408 beyond): a client that stops
+    sending is let go well before ``timeout_body``."""
+    timeout_keep_alive: float = 5.0
+    """Seconds an idle kept-alive connection stays open after a response (uvicorn's)."""
+    limit_concurrency: int = 1024
+    """Most connections served at once: a request on a connection beyond (or arriving while
+    this many are in progress) is answered 503 (``too_many_connections``) and its connection
+    closed. ``batchmax serve`` raises its open-file limit to fit, if the hard limit allows."""
+    max_header_bytes: int = 16 * 1024
+    """Largest request head (request line and headers) while it is incomplete: beyond, 400 and
+    the connection closed (h11's ``max_incomplete_event_size``)."""
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -63,3 +82,10 @@ class ServerSettings:
             raise ValueError(f"generation_config must be 'auto' or 'none', got {self.generation_config!r}")
         if self.unhealthy_after_step_failures < 1:
             raise ValueError("unhealthy_after_step_failures must be >= 1")
+        for name in ("timeout_header", "timeout_body", "timeout_body_chunk", "timeout_keep_alive"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.limit_concurrency < 1:
+            raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes must be at least 1024, got {self.max_header_bytes}")
