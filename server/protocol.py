@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -77,6 +77,12 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+_INT64 = {"ge": -(2**63), "le": 2**63 - 1}
+TokenId = Annotated[int, Field(**_INT64)]
+"""A token id as a request carries it: the vocabulary is checked by the engine, but a number
+past 64 bits could not even reach it (the engine core's messages hold int64)."""
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
@@ -87,12 +93,12 @@ class _SamplingFields(_Request):
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=2**63 - 1)
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
@@ -102,7 +108,7 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     # batchmax's extensions: the eviction policy, budget and recall of this request
     kv_policy: str | None = None
-    kv_budget: int | None = Field(default=None, gt=0)
+    kv_budget: int | None = Field(default=None, gt=0, le=2**63 - 1)
     kv_recall: bool | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -135,7 +141,7 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(default=16, ge=0)
     """OpenAI's default is 16; 0 is allowed only with ``echo`` (scoring the prompt)."""
     logprobs: int | None = Field(default=None, ge=0, le=20)

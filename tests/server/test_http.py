@@ -122,6 +122,12 @@ def test_malformed_json(server):
         ("/v1/completions", {}, "prompt"),
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, "prompt"),
+        # past 64 bits: refused before the engine core's messages (int64) could overflow
+        ("/v1/completions", {"prompt": [-(2**63) - 1]}, "prompt"),
+        ("/v1/completions", {"prompt": [[5, 2**64]]}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [2**63]}, "stop_token_ids"),
+        ("/v1/completions", {"prompt": "x", "top_k": 2**70}, "top_k"),
+        ("/v1/completions", {"prompt": "x", "kv_budget": 2**64}, "kv_budget"),
         ("/v1/chat/completions", {"messages": "hi"}, "messages"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
