@@ -7,6 +7,20 @@ import json
 import sys
 
 
+def list_arg(value: str) -> list[str]:
+    """A list option given as JSON (``'["a", "b"]'``) or comma-separated (``a,b``)."""
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {exc}") from None
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+        return items
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine options shared by every subcommand that builds an engine."""
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
@@ -110,6 +124,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_stop_length=args.max_stop_length,
             unhealthy_after_step_failures=args.unhealthy_after_step_failures,
             log_level=args.log_level,
+            strict_request_fields=args.strict_request_fields,
+            allowed_origins=args.allowed_origins,
+            allowed_methods=args.allowed_methods,
+            allowed_headers=args.allowed_headers,
+            access_log=not args.disable_access_log,
+            log_stats_interval=args.log_stats_interval,
         )
         config = EngineConfig.from_kwargs(**engine_kwargs(args))
     except (ValueError, TypeError) as exc:
@@ -176,7 +196,8 @@ def _run_uvicorn(app, settings) -> int:
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=5, access_log=settings.log_level == "debug",
+        # the app writes its own access log (server/middleware.py), with durations and tokens
+        timeout_graceful_shutdown=5, access_log=False,
     )
     server = DrainingServer(config)
     ctx = app.state.bm
@@ -249,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-stop-length", type=int, default=256, help="longest stop string in characters; beyond, 400")
     s.add_argument("--unhealthy-after-step-failures", type=int, default=3,
                    help="/health answers 503 after this many engine steps in a row failed (a success resets it)")
+    s.add_argument("--strict-request-fields", action="store_true",
+                   help="answer 400 (as OpenAI) to a body field the server does not know, instead of logging a warning and ignoring it (as vLLM)")
+    s.add_argument("--allowed-origins", type=list_arg, default=[],
+                   help='CORS: origins allowed to call the API from a browser, a JSON list or comma list ("*": any); default: CORS off')
+    s.add_argument("--allowed-methods", type=list_arg, default=["*"], help="CORS: allowed methods (JSON or comma list; default *)")
+    s.add_argument("--allowed-headers", type=list_arg, default=["*"], help="CORS: allowed request headers (JSON or comma list; default *)")
+    s.add_argument("--disable-access-log", action="store_true", help="no access-log line per request (batchmax.access)")
+    s.add_argument("--log-stats-interval", type=float, default=10.0,
+                   help="seconds between the engine's stats lines (running, waiting, KV use, tok/s), logged while busy; 0: off")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--debug-profile", default=None, metavar="FILE",
                    help="performance work only: sample the front end's main thread and write where it spent its time to FILE at exit")
