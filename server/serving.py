@@ -422,7 +422,7 @@ class OpenAIServing:
 
     @staticmethod
     def _record_usage(request: Request, body, prompt_tokens: int, completion_tokens: int) -> None:
-        """What the access log line reports for this call (``app.py``)."""
+        """What the access-log line reports for this call (``middleware.py``)."""
         request.state.usage = (prompt_tokens, completion_tokens)
         request.state.user = body.user
 
@@ -631,7 +631,7 @@ class OpenAIServing:
                 obj = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                        "system_fingerprint": None,
                        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-                if plp is not None and out is not None and not sent_plp:  # on the first chunk after the prompt's
+                if plp is not None and out is not None and not sent_plp:  # on the first chunk after the role chunks
                     obj["prompt_logprobs"] = self.prompt_logprobs(out, prompt_ids, plp)
                     sent_plp = True
                 if body.continuous_usage:

@@ -1,6 +1,7 @@
 """A real ``batchmax serve`` in a subprocess on a free port, serving the tiny Llama."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -104,6 +105,17 @@ class ThreadServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(20)
+
+
+def wait_access(caplog, *request_ids: str, timeout: float = 10.0) -> dict[str, logging.LogRecord]:
+    """The access-log records of these requests. A line is written once the response has
+    ended, which may be just after the client has read all of it: wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = {r.request_id: r for r in caplog.records if r.name == "batchmax.access" and r.request_id in request_ids}
+        if len(recs) == len(request_ids) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.01)
 
 
 def start_server(tiny_llama, tmp_path_factory, *extra: str) -> ServerProc:

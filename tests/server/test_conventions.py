@@ -17,7 +17,7 @@ from batchmax.server.app import build_app
 from batchmax.server.cli import build_parser
 from batchmax.server.settings import ServerSettings
 from batchmax.server.stats_log import StatsLine
-from tests.server.conftest import ThreadServer
+from tests.server.conftest import ThreadServer, wait_access
 from tests.server.fake_engine import FakeEngine
 
 CMPL = {"prompt": "hello there", "max_tokens": 3}
@@ -149,8 +149,8 @@ def test_access_log_line_per_request(srv, caplog):
     c = httpx.post(srv.url + "/v1/chat/completions", json={**CHAT, "n": 2}, headers={**AUTH, "X-Request-Id": "log-2"})
     httpx.get(srv.url + "/health", headers={"X-Request-Id": "log-3"})
     httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "top_p": 0}, headers={**AUTH, "X-Request-Id": "log-4"})
-    recs = {rec.request_id: rec for rec in _access(caplog)}
-    assert set(recs) >= {"log-1", "log-2", "log-3", "log-4"}
+    recs = wait_access(caplog, "log-1", "log-2", "log-3", "log-4")
+    assert set(recs) == {"log-1", "log-2", "log-3", "log-4"}
     one = recs["log-1"]
     m = LINE.match(one.getMessage())
     assert m, one.getMessage()
@@ -178,31 +178,23 @@ def test_access_log_of_a_stream_is_written_when_it_ends(tokenizer, caplog):
             assert not [rec for rec in _access(caplog) if rec.request_id == "st-1"]  # still streaming
             rest = [x for x in lines if x]
         assert rest[-1] == "data: [DONE]"
-        deadline = time.monotonic() + 5
-        while not [rec for rec in _access(caplog) if rec.request_id == "st-1"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        rec = next(rec for rec in _access(caplog) if rec.request_id == "st-1")
+        rec = wait_access(caplog, "st-1")["st-1"]
         assert (rec.status, rec.completion_tokens) == (200, 40) and rec.duration_ms >= 20 * 20 * 0.9
         # a client that leaves: logged with what was generated until then
         with httpx.stream("POST", s.url + "/v1/completions", json={**body, "max_tokens": 500}, headers={"X-Request-Id": "st-2"}) as r:
             for x in r.iter_lines():
                 if x.startswith("data: {"):
                     break
-        deadline = time.monotonic() + 5
-        while not [rec for rec in _access(caplog) if rec.request_id == "st-2"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        rec = next(rec for rec in _access(caplog) if rec.request_id == "st-2")
+        rec = wait_access(caplog, "st-2")["st-2"]
         assert rec.status == 200 and 0 < rec.completion_tokens < 1000
 
 
 def test_disable_access_log(tokenizer, caplog):
     caplog.set_level(logging.INFO, logger="batchmax.access")
     with ThreadServer(build_app(FakeEngine(tokenizer), ServerSettings(access_log=False, log_stats_interval=0))) as s:
-        r = httpx.post(s.url + "/v1/completions", json=CMPL)
-        assert r.status_code == 200 and r.headers["x-request-id"]
-    assert not _access(caplog)
+        r = httpx.post(s.url + "/v1/completions", json=CMPL, headers={"X-Request-Id": "quiet"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "quiet"
+        assert not wait_access(caplog, "quiet", timeout=1.0)
 
 
 # ----------------------------------------------------------------------------- stats line

@@ -14,7 +14,7 @@ import pytest
 from batchmax.server.app import build_app
 from batchmax.server.protocol import ChatCompletionRequest, CompletionRequest
 from batchmax.server.settings import ServerSettings
-from tests.server.conftest import ThreadServer
+from tests.server.conftest import ThreadServer, wait_access
 from tests.server.fake_engine import FakeEngine
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -168,9 +168,9 @@ def test_every_field_has_an_effect_or_is_refused(fake, caplog, path, field):
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="batchmax.access"):
                 r, _ = _call(srv, engine, path, body)
-            assert r.status_code == 200
-            lines = [rec for rec in caplog.records if rec.name == "batchmax.access" and rec.path == path]
-            assert lines and lines[-1].user == change["user"] and f'user="{change["user"]}"' in lines[-1].getMessage()
+                assert r.status_code == 200
+                rec = wait_access(caplog, r.headers["x-request-id"]).get(r.headers["x-request-id"])
+            assert rec is not None and rec.user == change["user"] and f'user="{change["user"]}"' in rec.getMessage()
             continue
         r, added = _call(srv, engine, path, body)
         if kind == "penalties" and r.status_code == 200:
