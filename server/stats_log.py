@@ -23,15 +23,21 @@ class StatsLine:
         """``sample()``: (stats, waiting) of the engine now, or None while there is none."""
         self.sample = sample
         self._prev: tuple[float, int, int] | None = None  # (time, prompt total, generation total)
+        self._none_at: float | None = None  # the last tick that found no engine
 
     def tick(self, now: float) -> tuple[str, dict] | None:
         """The line and its fields for the interval since the last tick, or None (no engine
-        yet, the first sample, or nothing happened)."""
+        yet, the first sample of an engine already running, or nothing happened). An engine
+        that appears after a tick without one was loaded since: its counters started at 0
+        then, so its first interval counts from that tick."""
         got = self.sample()
         if got is None:
+            self._none_at, self._prev = now, None
             return None
         st, waiting = got
         prev, self._prev = self._prev, (now, st.prompt_tokens_total, st.generation_tokens_total)
+        if prev is None and self._none_at is not None:
+            prev, self._none_at = (self._none_at, 0, 0), None
         if prev is None or now <= prev[0]:
             return None
         dt = now - prev[0]

@@ -215,8 +215,13 @@ def test_stats_line_fields():
     # requests waiting without progress are activity
     samples.append((EngineStats(prompt_tokens_total=800, generation_tokens_total=146), 4))
     assert st.tick(150.0)[1]["waiting"] == 4
-    # no engine yet (loading): nothing
-    assert StatsLine(lambda: None).tick(1.0) is None
+    # no engine yet (loading): nothing; once loaded, its first interval counts from the tick
+    # before (its counters started at 0), so a request served right after loading is seen
+    samples = [None]
+    st = StatsLine(lambda: samples[-1])
+    assert st.tick(10.0) is None
+    samples.append((EngineStats(num_running=1, prompt_tokens_total=50, generation_tokens_total=10), 0))
+    assert st.tick(20.0)[1] == {"running": 1, "waiting": 0, "kv_usage": 0.0, "prompt_tps": 5.0, "generation_tps": 1.0}
 
 
 def test_stats_line_is_logged_only_while_busy(tokenizer, caplog):
