@@ -13,9 +13,9 @@ import msgspec
 from batchmax.engine.sampling import SamplingParams
 from batchmax.engine.stats import EngineStats
 
-# (token id, logprob, [(alternative id, its logprob), ...]); None: a position with no logprob
-# (the first prompt token)
-WireLogprob = tuple[int, float, list[tuple[int, float]]]
+# (token id, logprob, [(alternative id, its logprob), ...], rank); None: a position with no
+# logprob (the first prompt token)
+WireLogprob = tuple[int, float, list[tuple[int, float]], int | None]
 
 
 class CoreRequest(msgspec.Struct, array_like=True):

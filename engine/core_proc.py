@@ -150,7 +150,7 @@ class ZmqTransport:
 
 
 def _wire(e: TokenLogprob) -> tuple:
-    return (e.token_id, e.logprob, e.top)
+    return (e.token_id, e.logprob, e.top, e.rank)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ times the number of strings, never to the whole text: a new match is looked for 
 it could end in the new text, and the tail held back while running (the longest end of the
 text that could begin a stop string) comes from one KMP matcher per string, advanced over the
 new text only.
+
+Options (``SamplingParams``, as in vLLM): ``skip_special_tokens`` (default) leaves special
+tokens out of the text; without it, ``spaces_between_special_tokens`` (default) puts a space
+between each special token and the text around it (what vLLM and transformers' slow
+tokenizers do; fast tokenizers alone would not). ``include_stop_str_in_output`` keeps the
+matched stop string in the text, and then nothing is held back while running (what is shown
+is never retracted). The text of a stop token (EOS, ``stop_token_ids``) is left out unless
+``include_stop_str_in_output``: the engine does not ``add`` it.
 """
 from __future__ import annotations
 
@@ -18,10 +26,40 @@ from typing import Any
 # Prompt tokens kept as left context, so the first generated token decodes with its space.
 _CONTEXT = 5
 
+# tokenizer id -> (the tokenizer, kept alive so its id is not reused; ids of its special tokens)
+_SPECIAL_IDS: dict[int, tuple[Any, frozenset[int]]] = {}
+
+
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids that ``decode(..., skip_special_tokens=True)`` leaves out: added tokens marked
+    special, and the named special tokens (cached per tokenizer)."""
+    hit = _SPECIAL_IDS.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    for tid, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(tid))
+    out = frozenset(ids)
+    _SPECIAL_IDS[id(tokenizer)] = (tokenizer, out)
+    return out
+
 
 class Detokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: list[str]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        stop: list[str],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop = include_stop_str_in_output
+        # special tokens are shown and spaced: decode around them (slower; only then)
+        self._special = special_token_ids(tokenizer) if not skip_special_tokens and spaces_between_special_tokens else None
         self.ids: list[int] = list(prompt_ids[-_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -35,8 +73,30 @@ class Detokenizer:
         self._matched = [0] * len(self.stop)
         self._held = 0  # chars at the end of the text that could begin a stop string
 
+    @classmethod
+    def for_params(cls, tokenizer: Any, prompt_ids: list[int], params: Any) -> "Detokenizer":
+        """The detokenizer of a request with these ``SamplingParams``."""
+        return cls(tokenizer, prompt_ids, params.stop, params.skip_special_tokens,
+                   params.spaces_between_special_tokens, params.include_stop_str_in_output)
+
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self._special is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        # runs of ordinary tokens decoded together, each special token on its own, joined by
+        # spaces (vLLM's ``spaces_between_special_tokens``)
+        parts: list[str] = []
+        run: list[int] = []
+        for t in ids:
+            if t in self._special:
+                if run:
+                    parts.append(self.tokenizer.decode(run, skip_special_tokens=False))
+                    run = []
+                parts.append(self.tokenizer.decode([t], skip_special_tokens=False))
+            else:
+                run.append(t)
+        if run:
+            parts.append(self.tokenizer.decode(run, skip_special_tokens=False))
+        return " ".join(parts)
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append a generated token; returns the stop string it completed, if any (the text is
@@ -52,7 +112,8 @@ class Detokenizer:
         self.text += delta
         if not self.stop:
             return None
-        self._advance(delta)
+        if not self.include_stop:  # with the stop string kept, nothing is ever held back
+            self._advance(delta)
         if not check_stop:
             return None
         # the earliest stop string that now appears, searching only where it could be new
@@ -60,7 +121,7 @@ class Detokenizer:
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
             i, s = min(hits)
-            self.text = self.text[:i]
+            self.text = self.text[: i + len(s)] if self.include_stop else self.text[:i]
             self.stopped_on = s
             self._held = 0
             return s
@@ -105,7 +166,7 @@ class Detokenizer:
         if len(full) > len(prefix):
             delta = full[len(prefix) :]
             self.text += delta
-            if self.stop:
+            if self.stop and not self.include_stop:
                 self._advance(delta)
         self.prefix_offset = self.read_offset = len(self.ids)
 

@@ -15,8 +15,9 @@ import torch
 
 from batchmax.engine.request import Request
 
-LogprobTensors = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-"""``Sampler.logprobs``: chosen (B,), top ids (B, k) or None, top values (B, k) or None."""
+LogprobTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""``Sampler.logprobs``: chosen (B,), their ranks (B,), top ids (B, k) or None, top values (B, k)
+or None."""
 
 
 def to_host(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -192,7 +192,7 @@ class LLMEngine:
             self._ensure_host_store()
         self.requests[request_id] = req
         if self.tokenizer is not None and self.config.detokenize:
-            self.detok[request_id] = Detokenizer(self.tokenizer, prompt_ids, params.stop)
+            self.detok[request_id] = Detokenizer.for_params(self.tokenizer, prompt_ids, params)
         self.scheduler.add(req)
 
     def _ensure_host_store(self) -> None:
@@ -371,12 +371,16 @@ class LLMEngine:
         # counts of known tokens: with async scheduling the next one may already be pending
         generated = len(req.output_token_ids)
         past_min = generated >= p.min_tokens
-        stop_str = detok.add(tok, check_stop=past_min) if detok else None
+        eos = past_min and not p.ignore_eos and tok in self.eos_token_ids
+        stop_tok = past_min and tok in p.stop_token_ids
+        # a stop token's own text is not the request's, unless include_stop_str_in_output
+        shown = detok is not None and (p.include_stop_str_in_output or not (eos or stop_tok))
+        stop_str = detok.add(tok, check_stop=past_min) if shown else None
         if stop_str is not None:
             self._finish(req, FinishReason.STOP, stop_str)
-        elif not p.ignore_eos and tok in self.eos_token_ids and past_min:
+        elif eos:
             self._finish(req, FinishReason.STOP, None)
-        elif tok in p.stop_token_ids and past_min:
+        elif stop_tok:
             self._finish(req, FinishReason.STOP, tok)
         elif generated >= p.max_tokens or req.num_prompt_tokens + generated >= self.max_model_len:
             self._finish(req, FinishReason.LENGTH)
@@ -426,6 +430,6 @@ class LLMEngine:
 def _token_logprob(lp: LogprobTensors, row: int, token: int, top: int) -> TokenLogprob:
     """Row ``row`` of host-side ``Sampler.logprobs`` output as a ``TokenLogprob`` with ``top``
     alternatives."""
-    chosen, top_ids, top_vals = lp
+    chosen, ranks, top_ids, top_vals = lp
     alts = list(zip(top_ids[row, :top].tolist(), top_vals[row, :top].tolist())) if top else []
-    return TokenLogprob(token, float(chosen[row]), alts)
+    return TokenLogprob(token, float(chosen[row]), alts, int(ranks[row]))

@@ -20,8 +20,8 @@ from batchmax.engine.sampling import SamplingParams
 def _logprob(w: WireLogprob | None) -> TokenLogprob | None:
     if w is None:
         return None
-    tid, lp, top = w
-    return TokenLogprob(tid, lp, [(int(a), float(b)) for a, b in top])
+    tid, lp, top, rank = w
+    return TokenLogprob(tid, lp, [(int(a), float(b)) for a, b in top], rank)
 
 
 class RequestState:
@@ -31,7 +31,7 @@ class RequestState:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
-        self.detok = Detokenizer(tokenizer, prompt_ids, params.stop) if tokenizer is not None else None
+        self.detok = Detokenizer.for_params(tokenizer, prompt_ids, params) if tokenizer is not None else None
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] = []
@@ -44,11 +44,15 @@ class RequestState:
         stop_str = None
         p = self.params
         self.prompt_logprobs.extend(_logprob(w) for w in d.new_prompt_logprobs)
+        # The core ends a request with "stop" only on a stop token (EOS or stop_token_ids;
+        # stop strings are found here), always its last one: that token's text is not shown
+        # unless include_stop_str_in_output.
+        hidden = len(d.new_token_ids) - 1 if d.finished and d.finish_reason == "stop" and not p.include_stop_str_in_output else -1
         for i, tok in enumerate(d.new_token_ids):
             self.token_ids.append(tok)
             if i < len(d.new_logprobs):
                 self.logprobs.append(_logprob(d.new_logprobs[i]))
-            if self.detok is not None:
+            if self.detok is not None and i != hidden:
                 stop_str = self.detok.add(tok, check_stop=len(self.token_ids) >= p.min_tokens)
                 if stop_str is not None:
                     break  # tokens after the stop string are not the request's

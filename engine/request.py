@@ -30,6 +30,8 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None
+    """The token's rank in the vocabulary by probability (1: the most likely)."""
 
 
 @dataclass(eq=False)

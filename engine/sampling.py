@@ -43,6 +43,14 @@ class SamplingParams:
     chosen one). ``None``: none."""
     prompt_logprobs: int | None = None
     """The same for the prompt tokens (the first has none)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens (EOS, chat-template markers) out of the text."""
+    spaces_between_special_tokens: bool = True
+    """When special tokens are shown (``skip_special_tokens=False``), separate each from the
+    text around it by a space, as vLLM and transformers' slow tokenizers do."""
+    include_stop_str_in_output: bool = False
+    """Keep the stop string that ended the request at the end of the text (and the text of a
+    stop token: EOS or one of ``stop_token_ids``); while running nothing is held back then."""
     kv_policy: str | None = None
     """Eviction policy of this request; ``None``: the engine's default."""
     kv_budget: int | None = None
@@ -207,13 +215,17 @@ class Sampler:
         return (probs / noise).argmax()
 
     @staticmethod
-    def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def logprobs(
+        logits: torch.Tensor, token_ids: torch.Tensor, top: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Log-softmax of the raw logits (before temperature, as OpenAI reports them).
-        Returns the chosen tokens' logprobs (B,) and, if ``top`` > 0, the top ids and
+        Returns the chosen tokens' logprobs (B,), their ranks in the vocabulary (B,) (1: the
+        most likely; ties share the better rank) and, if ``top`` > 0, the top ids and
         logprobs (B, top)."""
         lp = torch.log_softmax(logits.float(), dim=-1)
         chosen = lp.gather(-1, token_ids.view(-1, 1)).squeeze(-1)
+        ranks = (lp > chosen.unsqueeze(-1)).sum(-1) + 1
         if top <= 0:
-            return chosen, None, None
+            return chosen, ranks, None, None
         vals, ids = lp.topk(top, dim=-1)
-        return chosen, ids, vals
+        return chosen, ranks, ids, vals

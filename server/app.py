@@ -15,16 +15,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from batchmax.server import routes
 from batchmax.server.context import ServerContext
+from batchmax.server.middleware import RequestContext
 from batchmax.server.openapi import install_openapi
 from batchmax.server.protocol import APIError
 from batchmax.server.serving import OpenAIServing
 from batchmax.server.settings import ServerSettings
+from batchmax.server.stats_log import log_stats
 
 logger = logging.getLogger("batchmax.server")
 
@@ -44,9 +47,14 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
             ctx.attach(engine, OpenAIServing)
         else:  # a factory: load in a thread while the port already answers (503)
             loader = asyncio.create_task(_load(ctx, engine))
+        stats_task = None
+        if settings.log_stats_interval > 0:
+            stats_task = asyncio.create_task(log_stats(ctx.stats_sample, settings.log_stats_interval))
         try:
             yield
         finally:
+            if stats_task is not None:
+                stats_task.cancel()
             if loader is not None and not loader.done():
                 loader.cancel()
             if ctx.engine is not None:
@@ -92,6 +100,14 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     app.include_router(routes.router)
     install_openapi(app)
+    # the last added runs first: every response, CORS preflights included, gets its
+    # X-Request-Id and an access-log line
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,
+            allow_headers=settings.allowed_headers, expose_headers=["X-Request-Id"],
+        )
+    app.add_middleware(RequestContext, access_log=settings.access_log)
     return app
 
 

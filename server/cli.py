@@ -7,6 +7,20 @@ import json
 import sys
 
 
+def list_arg(value: str) -> list[str]:
+    """A list option given as JSON (``'["a", "b"]'``) or comma-separated (``a,b``)."""
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {exc}") from None
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+        return items
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine options shared by every subcommand that builds an engine."""
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
@@ -116,6 +130,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_keep_alive=args.timeout_keep_alive,
             limit_concurrency=args.limit_concurrency,
             log_level=args.log_level,
+            strict_request_fields=args.strict_request_fields,
+            allowed_origins=args.allowed_origins,
+            allowed_methods=args.allowed_methods,
+            allowed_headers=args.allowed_headers,
+            access_log=not args.disable_access_log,
+            log_stats_interval=args.log_stats_interval,
         )
         config = EngineConfig.from_kwargs(**engine_kwargs(args))
     except (ValueError, TypeError) as exc:
@@ -182,7 +202,8 @@ def _run_uvicorn(app, settings) -> int:
                 self.should_exit = True
 
     ensure_open_files(settings.limit_concurrency)
-    config = uvicorn_config(app, settings, timeout_graceful_shutdown=5, access_log=settings.log_level == "debug")
+    # the app writes its own access log (server/middleware.py), with durations and tokens
+    config = uvicorn_config(app, settings, timeout_graceful_shutdown=5, access_log=False)
     server = DrainingServer(config)
     ctx = app.state.bm
     ctx.on_fatal = lambda: setattr(server, "should_exit", True)
@@ -267,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle kept-alive connection stays open after a response")
     s.add_argument("--limit-concurrency", type=int, default=1024, metavar="N",
                    help="most connections served at once; a request beyond is answered 503 (too_many_connections)")
+    s.add_argument("--strict-request-fields", action="store_true",
+                   help="answer 400 (as OpenAI) to a body field the server does not know, instead of logging a warning and ignoring it (as vLLM)")
+    s.add_argument("--allowed-origins", type=list_arg, default=[],
+                   help='CORS: origins allowed to call the API from a browser, a JSON list or comma list ("*": any); default: CORS off')
+    s.add_argument("--allowed-methods", type=list_arg, default=["*"], help="CORS: allowed methods (JSON or comma list; default *)")
+    s.add_argument("--allowed-headers", type=list_arg, default=["*"], help="CORS: allowed request headers (JSON or comma list; default *)")
+    s.add_argument("--disable-access-log", action="store_true", help="no access-log line per request (batchmax.access)")
+    s.add_argument("--log-stats-interval", type=float, default=10.0,
+                   help="seconds between the engine's stats lines (running, waiting, KV use, tok/s), logged while busy; 0: off")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--debug-profile", default=None, metavar="FILE",
                    help="performance work only: sample the front end's main thread and write where it spent its time to FILE at exit")

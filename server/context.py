@@ -35,6 +35,12 @@ class ServerContext:
     def _stats(self):
         return self.engine.stats() if self.engine is not None else None
 
+    def stats_sample(self):
+        """(engine stats, requests waiting) for the periodic stats line; None until loaded."""
+        if not self.ready or self.engine is None:
+            return None
+        return self.engine.stats(), self.engine.num_waiting
+
     @property
     def model_name(self) -> str:
         if self.settings.served_model_name:

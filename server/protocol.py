@@ -1,9 +1,13 @@
 """OpenAI wire format: request models (validated), response and chunk models, errors.
 
 Field sets follow OpenAI's API and vLLM's ``entrypoints/openai`` protocol. Requests are
-validated strictly (``"max_tokens": "5"`` is a type error, as on OpenAI) and unknown fields
-are ignored (``extra="ignore"``), as OpenAI does. Range checks that pydantic can express live
-here; checks that need the model (context length, vocabulary, policy names) happen later.
+validated strictly (``"max_tokens": "5"`` is a type error, as on OpenAI). No field is accepted
+without an effect: every declared field either changes the request or is refused
+(``unsupported()``, a 400 ``unsupported_parameter``); unknown fields are kept
+(``extra="allow"``) so that ``unknown_fields`` can name them: the server logs a warning and
+ignores them, as vLLM does, or with ``--strict-request-fields`` answers 400 as OpenAI does.
+Range checks that pydantic can express live here; checks that need the model (context length,
+vocabulary, policy names) happen later.
 """
 from __future__ import annotations
 
@@ -79,14 +83,46 @@ INT64 = (-(2**63), 2**63 - 1)
 TokenId = Annotated[int, Field(ge=INT64[0], le=INT64[1])]
 """A token id as the engine core's wire carries it (int64); the vocabulary check is the engine's.
 A larger integer would fail to encode and turn a client's mistake into a 500."""
+_INT64 = {"ge": INT64[0], "le": INT64[1]}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # unknown fields are kept in ``model_extra`` to be named (``unknown_fields``), never used
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+def unknown_fields(obj: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the fields of a request, at any depth, that its models do not declare
+    (``messages.0.foo`` for one inside a message). Content parts are left out: their extra
+    fields belong to part types that are refused anyway (images, audio)."""
+    if isinstance(obj, ContentPart):
+        return []
+    out = [prefix + k for k in (obj.model_extra or {})]
+    for name in type(obj).model_fields:
+        v = getattr(obj, name)
+        if isinstance(v, BaseModel):
+            out += unknown_fields(v, f"{prefix}{name}.")
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                if isinstance(x, BaseModel):
+                    out += unknown_fields(x, f"{prefix}{name}.{i}.")
+    return out
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    """A last chunk with the whole call's usage (and ``"usage": null`` in the others)."""
+    continuous_usage_stats: bool = False
+    """vLLM's: every chunk carries its choice's usage so far."""
+
+
+class ResponseFormat(_Request):
+    type: str = "text"
+    json_schema: dict[str, Any] | None = None
+
+
+_STRUCTURED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+               "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag")
 
 
 class _SamplingFields(_Request):
@@ -95,7 +131,7 @@ class _SamplingFields(_Request):
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=2**63 - 1)
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -114,9 +150,29 @@ class _SamplingFields(_Request):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
     bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
+    # vLLM's extensions: prompt logprobs and the detokenizer's options
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """Log-probabilities of the prompt tokens with this many alternatives (``prompt_logprobs``
+    in vLLM's shape: on each choice for completions, on the response for chat)."""
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
+    """Only ``{"type": "text"}`` (the default); structured output is refused."""
+    # vLLM's structured outputs (refused: batchmax does not constrain decoding)
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structural_tag: Any = None
+    priority: int = 0
+    """vLLM's priority scheduling; batchmax schedules in arrival order, so only 0 is accepted."""
     # batchmax's extensions: the eviction policy, budget and recall of this request
     kv_policy: str | None = None
-    kv_budget: int | None = Field(default=None, gt=0)
+    kv_budget: int | None = Field(default=None, gt=0, le=2**63 - 1)
     kv_recall: bool | None = None
 
     @field_validator("logit_bias")
@@ -130,8 +186,15 @@ class _SamplingFields(_Request):
         return v
 
     def unsupported(self) -> tuple[str, str] | None:
-        """(param, message) of a known OpenAI feature batchmax cannot honour, else None.
-        Silently ignoring these would change results, so they are rejected."""
+        """(param, message) of a known OpenAI or vLLM feature batchmax cannot honour, else
+        None. Silently ignoring these would change results, so they are rejected."""
+        for name in _STRUCTURED:
+            if getattr(self, name) is not None:
+                return name, f"'{name}': structured outputs (constrained decoding) are not supported by this server."
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", f"response_format type {self.response_format.type!r} is not supported (only 'text')."
+        if self.priority != 0:
+            return "priority", "'priority' is not supported by this server: requests are scheduled in arrival order (send 0 or omit it)."
         return None
 
     @property
@@ -143,6 +206,10 @@ class _SamplingFields(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
     @property
     def num_prompts(self) -> int:
@@ -188,6 +255,17 @@ class ChatMessage(_Request):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # OpenAI's message fields that the prompt cannot carry (function calling, audio, an
+    # assistant's refusal or annotations): declared so that they are refused, never dropped;
+    # null or empty is accepted (clients echo earlier replies with them unset)
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+    refusal: Any = None
+    annotations: Any = None
+
+    REFUSED: ClassVar[tuple[str, ...]] = ("tool_calls", "tool_call_id", "function_call", "audio", "refusal", "annotations")
 
     def text(self) -> str:
         if self.content is None:
@@ -200,10 +278,6 @@ class ChatMessage(_Request):
                 raise ValueError(f"content parts of type {p.type!r} are not supported (text only)")
             parts.append(p.text)
         return "\n".join(parts)
-
-
-class ResponseFormat(_Request):
-    type: str = "text"
 
 
 # transformers' apply_chat_template parameters (5.x), which chat_template_kwargs must not set
@@ -221,10 +295,13 @@ class ChatCompletionRequest(_SamplingFields):
     """OpenAI's newer name for ``max_tokens``; wins when both are given."""
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    echo: bool = False
+    """vLLM's: the reply starts with the last message's content when that is the assistant's
+    (the message the reply continues)."""
     # chat-template controls (vLLM's extensions)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -247,10 +324,14 @@ class ChatCompletionRequest(_SamplingFields):
         base = super().unsupported()
         if base:
             return base
-        if self.tools and self.tool_choice != "none":
+        if self.tools:
             return "tools", "'tools' (function calling) is not supported by this server."
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", f"response_format type {self.response_format.type!r} is not supported (only 'text')."
+        if self.tool_choice is not None and self.tool_choice != "none":
+            return "tool_choice", "'tool_choice' (function calling) is not supported by this server; send 'none' or omit it."
+        if self.parallel_tool_calls is not None:
+            return "parallel_tool_calls", "'parallel_tool_calls' (function calling) is not supported by this server."
+        if self.reasoning_effort is not None:
+            return "reasoning_effort", "'reasoning_effort' is not supported by this server."
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "'top_logprobs' requires 'logprobs' to be true."
         return None
@@ -299,11 +380,26 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one entry of ``prompt_logprobs``."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+"""Per prompt position (the first is None), {token id: its logprob, rank and text}: the prompt's
+own token first, then the top alternatives."""
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    """Only with ``prompt_logprobs`` in the request (left out of the body otherwise)."""
 
 
 class CompletionResponse(BaseModel):
@@ -352,6 +448,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    """Only with ``prompt_logprobs`` in the request (left out of the body otherwise)."""
 
 
 class ModelCard(BaseModel):

@@ -2,6 +2,7 @@
 error is OpenAI-shaped with status 400, where FastAPI's automatic validation would say 422."""
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,10 +21,13 @@ from batchmax.server.protocol import (
     ModelList,
     TokenizeRequest,
     bad_request,
+    unknown_fields,
 )
 from batchmax.server.request_body import read_body
 from batchmax.server.serving import ClientGone, OpenAIServing, SSEResponse, parse_body
 from batchmax.server.version import version
+
+logger = logging.getLogger("batchmax.server")
 
 
 def _ctx(request: Request) -> ServerContext:
@@ -56,6 +60,21 @@ async def _read(request: Request, ctx: ServerContext) -> bytes:
 def _check_model(ctx: ServerContext, model: str | None) -> None:
     if model is not None and model != ctx.model_name:
         raise APIError(404, f"The model `{model}` does not exist.", "invalid_request_error", param="model", code="model_not_found")
+
+
+async def _body(request: Request, ctx: ServerContext, model_cls) -> Any:
+    """The request's body parsed into ``model_cls``. Fields the model does not declare are
+    named in a warning and ignored (vLLM), or with ``--strict-request-fields`` a 400 (OpenAI)."""
+    body = parse_body(await _read(request, ctx), model_cls)
+    names = unknown_fields(body)
+    if names:
+        if ctx.settings.strict_request_fields:
+            s = "s" if len(names) > 1 else ""
+            raise bad_request(f"Unrecognized request argument{s} supplied: {', '.join(names)}", param=names[0],
+                              code="unknown_parameter")
+        logger.warning("The following fields were present in the request but ignored: %s (%s %s, request_id=%s)",
+                       ", ".join(names), request.method, request.url.path, getattr(request.state, "request_id", "-"))
+    return body
 
 
 router = APIRouter()
@@ -105,7 +124,7 @@ async def model(model_id: str, request: Request) -> Response:
 
 async def _generate(request: Request, model_cls, handler: Callable[[OpenAIServing, Any, Request], Awaitable[Response]]) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await _read(request, ctx), model_cls)
+    body = await _body(request, ctx, model_cls)
     # admission counts the engine requests the call makes, known from the parsed body
     ticket = ctx.admit(body.num_prompts, body.n, body.prompt_param)
     try:
@@ -137,7 +156,7 @@ async def chat_completions(request: Request) -> Response:
 @protected.post("/tokenize")
 async def tokenize(request: Request) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await _read(request, ctx), TokenizeRequest)
+    body = await _body(request, ctx, TokenizeRequest)
     serving = _ready(ctx)
     _check_model(ctx, body.model)
     # no size check here: /tokenize counts what a client may then trim (large jobs still
@@ -156,7 +175,7 @@ async def tokenize(request: Request) -> Response:
 @protected.post("/detokenize")
 async def detokenize(request: Request) -> Response:
     ctx = _ctx(request)
-    body = parse_body(await _read(request, ctx), DetokenizeRequest)
+    body = await _body(request, ctx, DetokenizeRequest)
     serving = _ready(ctx)
     tok = serving.tokenizer("tokens")
     _check_model(ctx, body.model)

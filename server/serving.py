@@ -47,6 +47,7 @@ from batchmax.server.protocol import (
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprobs,
     TopLogprob,
     UsageInfo,
     bad_request,
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("batchmax.server")
 
 DONE = "data: [DONE]\n\n"
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")  # OpenAI's ("function" is deprecated)
+CHAT_ROLES = ("system", "user", "assistant", "developer")  # OpenAI's, less "tool" (no function calling) and "function" (deprecated)
 MIN_LOGPROB = -9999.0  # what OpenAI sends for -inf (JSON has no infinity)
 
 
@@ -205,7 +206,10 @@ class _Choice:
     sent_tokens: int = 0
     text_offset: int = 0
     started: bool = False
+    sent_prompt_logprobs: bool = False
     final: RequestOutput | None = None
+    last: RequestOutput | None = None
+    """The newest output received (``final`` once finished)."""
 
 
 # the request parameter an engine message is about: (pattern, parameter)
@@ -319,6 +323,13 @@ class OpenAIServing:
     def model_name(self) -> str:
         return self.ctx.model_name
 
+    @staticmethod
+    def response_id(prefix: str, request: Request) -> str:
+        """The call's id, ``<prefix>-<X-Request-Id>`` (the client's or the one made for it,
+        ``middleware.py``), as vLLM does. Engine requests get ids of their own, always unique."""
+        rid = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+        return f"{prefix}-{rid}"
+
     def tokenizer(self, param: str):
         """The event loop's tokenizer (only for use on the loop: work in threads goes through
         ``off_loop``, which hands each job a copy of its own), or a 400 when the engine runs
@@ -385,6 +396,9 @@ class OpenAIServing:
                 ignore_eos=body.ignore_eos,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=body.skip_special_tokens,
+                spaces_between_special_tokens=body.spaces_between_special_tokens,
+                include_stop_str_in_output=body.include_stop_str_in_output,
                 kv_policy=body.kv_policy,
                 kv_budget=body.kv_budget,
                 kv_recall=body.kv_recall,
@@ -396,6 +410,9 @@ class OpenAIServing:
         problem = body.unsupported()
         if problem:
             raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")
+        if body.stream_options is not None and not body.stream:
+            raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                              param="stream_options", code="invalid_value")
         settings = self.ctx.settings
         if body.n > settings.max_n:
             raise bad_request(f"n must be at most {settings.max_n}, got {body.n}", param="n", code="invalid_value")
@@ -443,6 +460,7 @@ class OpenAIServing:
             for out, t in await stream.next_batch():
                 ch = by_rid[out.request_id]
                 ch.tracker.observe(out, t)
+                ch.last = out
                 if out.finished:
                     ch.final = out
 
@@ -460,9 +478,10 @@ class OpenAIServing:
             if err:
                 raise err
 
-    async def _events(self, stream: OutputStream, choices: list[_Choice], render: Callable[[_Choice, RequestOutput], list[str]], head: list[str], usage: Callable[[], str | None]) -> AsyncGenerator[str, None]:
+    async def _events(self, stream: OutputStream, choices: list[_Choice], render: Callable[[_Choice, RequestOutput], list[str]], head: list[str], usage: Callable[[], str | None], on_end: Callable[[], None] | None = None) -> AsyncGenerator[str, None]:
         """The SSE body shared by completions and chat: ``render`` turns an output into
-        events; failures end the stream with an error event, as vLLM does."""
+        events; failures end the stream with an error event, as vLLM does. ``on_end`` runs
+        when the stream ends, however it ends."""
         by_rid = {c.request_id: c for c in choices}
         try:
             for event in head:
@@ -471,6 +490,7 @@ class OpenAIServing:
                 for out, t in await stream.next_batch():
                     ch = by_rid[out.request_id]
                     ch.tracker.observe(out, t)
+                    ch.last = out
                     err = self._failure(out) if out.finished else None
                     if err:
                         yield sse(err.body())
@@ -492,6 +512,32 @@ class OpenAIServing:
             stream.close()
             for c in choices:
                 c.tracker.finish("abort")
+            if on_end is not None:
+                on_end()
+
+    @staticmethod
+    def _record_usage(request: Request, body, prompt_tokens: int, completion_tokens: int) -> None:
+        """What the access-log line reports for this call (``middleware.py``)."""
+        request.state.usage = (prompt_tokens, completion_tokens)
+        request.state.user = body.user
+
+    def prompt_logprobs(self, out: RequestOutput | None, prompt: list[int], k: int) -> PromptLogprobs:
+        """vLLM's ``prompt_logprobs``: None for the first token, then per position
+        {token id: {logprob, rank, decoded_token}}, the prompt's own token first and then its
+        ``k`` most likely alternatives."""
+        ts = self.tokens
+        plp = out.prompt_logprobs if out is not None else []
+        res: PromptLogprobs = [None]
+        for pos in range(1, len(prompt)):
+            e = plp[pos] if pos < len(plp) else None
+            if e is None:
+                res.append(None)
+                continue
+            d = {str(e.token_id): {"logprob": _lp(e.logprob), "rank": e.rank, "decoded_token": ts.text(e.token_id)}}
+            for rank, (tid, v) in enumerate(e.top[:k], 1):
+                d.setdefault(str(tid), {"logprob": _lp(v), "rank": rank, "decoded_token": ts.text(tid)})
+            res.append(d)
+        return res
 
     # ---------------------------------------------------------------- completions
     @staticmethod
@@ -539,24 +585,37 @@ class OpenAIServing:
             if not ids:
                 raise bad_request("The prompt is empty.", param="prompt", code="invalid_value")
             self._context_check(len(ids), max_tokens, "prompt")
-        prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        choices = self._choices(request_id, len(prompts), body.n, start)
+        # echo's logprobs and prompt_logprobs come from the same engine rows
+        wanted = [k for k in (body.logprobs if body.echo else None, body.prompt_logprobs) if k is not None]
+        prompt_lp = max(wanted) if wanted else None
+        request_id = self.response_id("cmpl", request)
+        choices = self._choices(f"cmpl-{uuid.uuid4().hex}", len(prompts), body.n, start)
         subs = [(c.request_id, prompts[c.prompt_idx], self._params(body, max(1, max_tokens), c.index % body.n, body.logprobs, prompt_lp, "prompt")) for c in choices]
         stream = await self._submit(subs, "prompt")
         created = int(time.time())
         view = _CompletionView(self, body, prompts, texts, score_only)
 
         def usage_info() -> UsageInfo:
-            completion = sum(len(view.gen_ids(c.final)) for c in choices if c.final is not None)
+            completion = sum(len(view.gen_ids(c.last)) for c in choices if c.last is not None)
             prompt = sum(len(p) for p in prompts)
             return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
+        def record() -> None:
+            u = usage_info()
+            self._record_usage(request, body, u.prompt_tokens, u.completion_tokens)
+
         if body.stream:
-            def chunk(index: int, text: str, logprobs, finish_reason) -> str:
+            def chunk(ch: _Choice, out: RequestOutput, text: str, logprobs, finish_reason) -> str:
+                choice = {"index": ch.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                if body.prompt_logprobs is not None and not ch.sent_prompt_logprobs:  # on the choice's first chunk
+                    choice["prompt_logprobs"] = self.prompt_logprobs(out, prompts[ch.prompt_idx], body.prompt_logprobs)
+                    ch.sent_prompt_logprobs = True
                 obj = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
-                       "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-                if body.include_usage:
+                       "choices": [choice]}
+                if body.continuous_usage:
+                    p, g = len(prompts[ch.prompt_idx]), len(view.gen_ids(out))
+                    obj["usage"] = {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+                elif body.include_usage:
                     obj["usage"] = None
                 return sse(obj)
 
@@ -564,7 +623,7 @@ class OpenAIServing:
                 text, lp = view.delta(ch, out)
                 if not text and lp is None and not out.finished:
                     return []
-                return [chunk(ch.index, text, lp, view.finish_reason(out) if out.finished else None)]
+                return [chunk(ch, out, text, lp, view.finish_reason(out) if out.finished else None)]
 
             def usage() -> str | None:
                 if not body.include_usage:
@@ -572,15 +631,26 @@ class OpenAIServing:
                 return sse({"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
                             "choices": [], "usage": usage_info().model_dump()})
 
-            return SSEResponse(self._events(stream, choices, render, [], usage))
+            return SSEResponse(self._events(stream, choices, render, [], usage, record))
 
-        await self._run_to_end(request, stream, choices)
+        try:
+            await self._run_to_end(request, stream, choices)
+        finally:
+            record()
+        plp = body.prompt_logprobs
         resp = CompletionResponse(
             id=request_id, created=created, model=self.model_name,
-            choices=[CompletionChoice(index=c.index, text=view.full_text(c), logprobs=view.full_logprobs(c), finish_reason=view.finish_reason(c.final)) for c in choices],
+            choices=[
+                CompletionChoice(
+                    index=c.index, text=view.full_text(c), logprobs=view.full_logprobs(c), finish_reason=view.finish_reason(c.final),
+                    prompt_logprobs=None if plp is None else self.prompt_logprobs(c.final, prompts[c.prompt_idx], plp),
+                )
+                for c in choices
+            ],
             usage=usage_info(),
         )
-        return JSONResponse(resp.model_dump())
+        # prompt_logprobs is in the body only when asked for
+        return JSONResponse(resp.model_dump(exclude=None if plp is not None else {"choices": {"__all__": {"prompt_logprobs"}}}))
 
     # ---------------------------------------------------------------- chat
     def chat_prompt(self, tok, messages: list[dict], body) -> list[int]:
@@ -613,6 +683,14 @@ class OpenAIServing:
     def chat_messages(body) -> list[dict]:
         out = []
         for i, m in enumerate(body.messages):
+            # function calling in the history: refused, since dropping it would change the prompt
+            if m.role == "tool":
+                raise bad_request("Messages of role 'tool' (function calling) are not supported by this server.",
+                                  param=f"messages.{i}.role", code="unsupported_parameter")
+            for name in m.REFUSED:
+                if getattr(m, name) not in (None, []):
+                    raise bad_request(f"'{name}' in messages is not supported by this server.",
+                                      param=f"messages.{i}.{name}", code="unsupported_parameter")
             if m.role not in CHAT_ROLES:
                 raise bad_request(
                     f"Invalid value: {m.role!r}. Supported values are: {', '.join(repr(r) for r in CHAT_ROLES)}.",
@@ -641,22 +719,38 @@ class OpenAIServing:
                 self._context_check(len(prompt_ids), 1, "messages")
         self._context_check(len(prompt_ids), max_tokens, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = self._choices(request_id, 1, body.n, start)
-        subs = [(c.request_id, prompt_ids, self._params(body, max_tokens, c.index, top, None, "messages")) for c in choices]
+        plp = body.prompt_logprobs
+        request_id = self.response_id("chatcmpl", request)
+        choices = self._choices(f"chatcmpl-{uuid.uuid4().hex}", 1, body.n, start)
+        subs = [(c.request_id, prompt_ids, self._params(body, max_tokens, c.index, top, plp, "messages")) for c in choices]
         stream = await self._submit(subs, "messages")
         created = int(time.time())
+        # vLLM's echo: the reply begins with the message it continues
+        last = body.messages[-1]
+        echoed = last.text() if body.echo and last.role == "assistant" else ""
 
         def usage_info() -> UsageInfo:
-            completion = sum(len(c.final.token_ids) for c in choices if c.final is not None)
+            completion = sum(len(c.last.token_ids) for c in choices if c.last is not None)
             return UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion)
 
+        def record() -> None:
+            self._record_usage(request, body, len(prompt_ids), usage_info().completion_tokens)
+
         if body.stream:
-            def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+            sent_plp = False
+
+            def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, out: RequestOutput | None = None) -> str:
+                nonlocal sent_plp
                 obj = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                        "system_fingerprint": None,
                        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-                if body.include_usage:
+                if plp is not None and out is not None and not sent_plp:  # on the first chunk after the role chunks
+                    obj["prompt_logprobs"] = self.prompt_logprobs(out, prompt_ids, plp)
+                    sent_plp = True
+                if body.continuous_usage:
+                    g = len(out.token_ids) if out is not None else 0
+                    obj["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": g, "total_tokens": len(prompt_ids) + g}
+                elif body.include_usage:
                     obj["usage"] = None
                 return sse(obj)
 
@@ -669,9 +763,9 @@ class OpenAIServing:
                     lp = {"content": [self._chat_lp(e, top).model_dump() for e in out.logprobs[ch.sent_tokens:]], "refusal": None}
                     ch.sent_tokens = len(out.logprobs)
                 if text or lp:
-                    events.append(chunk(ch.index, {"content": text}, lp))
+                    events.append(chunk(ch.index, {"content": text}, lp, out=out))
                 if out.finished:
-                    events.append(chunk(ch.index, {}, None, out.finish_reason))
+                    events.append(chunk(ch.index, {}, None, out.finish_reason, out=out))
                 return events
 
             def usage() -> str | None:
@@ -681,15 +775,21 @@ class OpenAIServing:
                             "system_fingerprint": None, "choices": [], "usage": usage_info().model_dump()})
 
             head = [chunk(c.index, {"role": "assistant", "content": ""}) for c in choices]
-            return SSEResponse(self._events(stream, choices, render, head, usage))
+            if echoed:
+                head += [chunk(c.index, {"content": echoed}) for c in choices]
+            return SSEResponse(self._events(stream, choices, render, head, usage, record))
 
-        await self._run_to_end(request, stream, choices)
+        try:
+            await self._run_to_end(request, stream, choices)
+        finally:
+            record()
         resp = ChatCompletionResponse(
             id=request_id, created=created, model=self.model_name,
+            prompt_logprobs=None if plp is None else self.prompt_logprobs(choices[0].final, prompt_ids, plp),
             choices=[
                 ChatChoice(
                     index=c.index,
-                    message=ChatResponseMessage(content=c.final.text),
+                    message=ChatResponseMessage(content=echoed + c.final.text),
                     logprobs=ChatChoiceLogprobs(content=[self._chat_lp(e, top) for e in c.final.logprobs]) if top is not None else None,
                     finish_reason=c.final.finish_reason,
                 )
@@ -697,7 +797,7 @@ class OpenAIServing:
             ],
             usage=usage_info(),
         )
-        return JSONResponse(resp.model_dump())
+        return JSONResponse(resp.model_dump(exclude=None if plp is not None else {"prompt_logprobs"}))
 
     def _chat_lp(self, e: TokenLogprob, top: int) -> ChatTokenLogprob:
         ts = self.tokens
@@ -748,7 +848,8 @@ class _CompletionView:
             plp = out.prompt_logprobs
             for k, tid in enumerate(self.prompts[ch.prompt_idx]):
                 e = plp[k] if k < len(plp) else None
-                entries.append((tid, None, None) if e is None else (tid, e.logprob, e.top))
+                # the engine's rows may hold more alternatives, for prompt_logprobs
+                entries.append((tid, None, None) if e is None else (tid, e.logprob, e.top[: self.body.logprobs]))
         if not self.score_only:
             for e in out.logprobs[start:]:
                 entries.append((e.token_id, e.logprob, e.top))

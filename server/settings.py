@@ -1,7 +1,7 @@
 """Settings of the HTTP server (the engine has its own ``EngineConfig``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -63,6 +63,17 @@ class ServerSettings:
     """Largest request head (request line and headers) while it is incomplete: beyond, 400 and
     the connection closed (h11's ``max_incomplete_event_size``)."""
     log_level: str = "info"
+    strict_request_fields: bool = False
+    """A body field the server does not know is a 400 (``Unrecognized request argument
+    supplied: NAME``, as OpenAI answers) instead of a warning in the log (as vLLM does)."""
+    allowed_origins: list[str] = field(default_factory=list)
+    """Origins allowed to call the API from a browser (CORS); empty: CORS off. ``["*"]``: any."""
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    access_log: bool = True
+    """One line per request on the ``batchmax.access`` logger (``middleware.py``)."""
+    log_stats_interval: float = 10.0
+    """Seconds between the engine's periodic stats lines (``stats_log.py``); 0: none."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -89,3 +100,5 @@ class ServerSettings:
             raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
         if self.max_header_bytes < 1024:
             raise ValueError(f"max_header_bytes must be at least 1024, got {self.max_header_bytes}")
+        if self.log_stats_interval < 0:
+            raise ValueError(f"log_stats_interval must be >= 0, got {self.log_stats_interval}")

@@ -188,3 +188,44 @@ def test_borders():
     assert _borders("") == [0]
     assert _borders("abab") == [0, 0, 0, 1, 2]
     assert _borders("aabaaab") == [0, 0, 1, 0, 1, 2, 2, 3]
+
+
+# ----------------------------------------------------------------------------- options
+def _decoded(tok, ids, prompt=(), **kw):
+    d = Detokenizer(tok, list(prompt), kw.pop("stop", []), **kw)
+    for t in ids:
+        d.add(t)
+    d.flush()
+    return d.text
+
+
+def test_special_tokens_skipped_shown_and_spaced(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tok.encode("<|im_start|>user\nhi there<|im_end|>\nok", add_special_tokens=False)
+    prompt = tok.encode("Say:", add_special_tokens=False)
+    assert _decoded(tok, ids, prompt) == "user\nhi there\nok"
+    # shown, each separated from the text around it by a space (vLLM's default), the prompt's
+    # end included, as in vLLM
+    assert _decoded(tok, ids, prompt, skip_special_tokens=False) == " <|im_start|> user\nhi there <|im_end|> \nok"
+    assert _decoded(tok, ids, prompt, skip_special_tokens=False, spaces_between_special_tokens=False) == (
+        "<|im_start|>user\nhi there<|im_end|>\nok")
+    # spaces change nothing while special tokens are skipped
+    assert _decoded(tok, ids, prompt, spaces_between_special_tokens=False) == "user\nhi there\nok"
+
+
+def test_include_stop_str_in_output_keeps_the_match_and_holds_nothing_back():
+    tok = PieceTokenizer(PIECES)
+    ids = pieces_of(tok, ["He", "llo", " wo", "rld"])
+    d = Detokenizer(tok, [], ["lo w"], include_stop_str_in_output=True)
+    seen = []
+    for t in ids:
+        hit = d.add(t)
+        seen.append(d.safe_text(False))
+        if hit:
+            break
+    # without the option "Hel" would be held back as "Hel" + the start of "lo w"
+    assert seen == ["He", "Hello", "Hello w"] and hit == "lo w" and d.text == "Hello w"
+    d = Detokenizer(tok, [], ["lo w"])
+    assert [d.add(t) or d.safe_text(False) for t in ids[:3]] == ["He", "Hel", "lo w"] and d.text == "Hel"

@@ -231,3 +231,78 @@ def test_near_zero_temperature_and_tiny_top_p_are_greedy(tiny_llama):
         assert [o.token_ids for o in llm.generate(prompts, sp)] == greedy, kw
     # just above the threshold it samples (a random model's distribution is nearly flat)
     assert SamplingParams(temperature=1e-5).greedy is False and SamplingParams(temperature=9.9e-6).greedy is True
+
+
+class ScriptedSampler:
+    """Stands in for the engine's sampler: one request, these tokens in turn."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script = list(script)
+        self.i = 0
+
+    def __call__(self, logits, params, generators, suppress):
+        out = torch.tensor([self.script[min(self.i, len(self.script) - 1)]] * logits.shape[0])
+        self.i += 1
+        return out
+
+
+def test_detokenizer_options_in_the_engine(tiny_llama):
+    """skip_special_tokens, spaces_between_special_tokens and include_stop_str_in_output reach
+    the text; a stop token's own text (EOS here) is left out unless include_stop_str_in_output."""
+    llm = LLM(str(tiny_llama), device="cpu", num_tokens=4096, async_scheduling=False)
+    tok = llm.tokenizer
+    hi, there = tok.encode("hi", add_special_tokens=False), tok.encode(" there", add_special_tokens=False)
+    script = hi + [1] + there + [2]  # <|im_start|> in the middle, EOS (<|im_end|>) at the end
+
+    def text(**kw):
+        llm.engine.sampler = ScriptedSampler(script)
+        out = llm.generate([[500, 600, 700]], _greedy(20, **kw))[0]
+        assert out.token_ids == script and out.finish_reason == "stop"
+        # the front end of ``batchmax serve`` (engine/output_processor.py) decodes the core's
+        # deltas, in two messages here, to the same text
+        from batchmax.engine.core_messages import Delta
+        from batchmax.engine.output_processor import RequestState
+
+        state = RequestState("r", [500, 600, 700], _greedy(20, **kw), tok)
+        state.apply(Delta("r", script[:2]))
+        front, _ = state.apply(Delta("r", script[2:], finished=True, finish_reason="stop"))
+        assert front.text == out.text
+        return out.text
+
+    assert text() == "hi there"
+    assert text(skip_special_tokens=False) == "hi <|im_start|>  there"
+    assert text(skip_special_tokens=False, spaces_between_special_tokens=False) == "hi<|im_start|> there"
+    assert text(skip_special_tokens=False, include_stop_str_in_output=True) == "hi <|im_start|>  there <|im_end|>"
+    assert text(include_stop_str_in_output=True) == "hi there"  # EOS is special: skipped anyway
+
+
+def test_stop_token_and_stop_string_text_with_include_stop_str_in_output(tiny_llama):
+    llm = LLM(str(tiny_llama), device="cpu", num_tokens=4096)
+    prompt = random_prompts([10], seed=8)[0]
+    free = llm.generate([prompt], _greedy(20, ignore_eos=True))[0]
+    stop_tok = free.token_ids[5]
+    first = free.token_ids.index(stop_tok)
+    before = llm.generate([prompt], _greedy(first, ignore_eos=True))[0].text if first else ""
+    through = llm.generate([prompt], _greedy(first + 1, ignore_eos=True))[0].text
+    out = llm.generate([prompt], _greedy(20, ignore_eos=True, stop_token_ids=[stop_tok]))[0]
+    assert out.finish_reason == "stop" and out.text == before  # the stop token's text is not the request's
+    out = llm.generate([prompt], _greedy(20, ignore_eos=True, stop_token_ids=[stop_tok], include_stop_str_in_output=True))[0]
+    assert out.finish_reason == "stop" and out.text == through
+    text = free.text
+    needle = text[len(text) // 3 : len(text) // 3 + 4]
+    if needle.strip():
+        out = llm.generate([prompt], _greedy(20, ignore_eos=True, stop=[needle], include_stop_str_in_output=True))[0]
+        assert out.stop_reason == needle and out.text == text[: text.find(needle) + len(needle)]
+
+
+def test_logprob_ranks(tiny_llama):
+    llm = LLM(str(tiny_llama), device="cpu", num_tokens=4096)
+    prompt = random_prompts([12], seed=9)[0]
+    out = llm.generate([prompt], _greedy(4, logprobs=2, prompt_logprobs=2))[0]
+    assert all(e.rank == 1 for e in out.logprobs)  # greedy picks the most likely
+    from tests.helpers import hf_model
+
+    with torch.no_grad():
+        lp = torch.log_softmax(hf_model(str(tiny_llama))(torch.tensor([prompt])).logits[0].float(), -1)
+    for j in range(1, 12):
+        assert out.prompt_logprobs[j].rank == int((lp[j - 1] > lp[j - 1, prompt[j]]).sum()) + 1

@@ -1,16 +1,19 @@
 """A real ``batchmax serve`` in a subprocess on a free port, serving the tiny Llama."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,6 +82,40 @@ class ServerProc:
             if idle or time.monotonic() > deadline:
                 return m
             time.sleep(0.05)
+
+
+class ThreadServer:
+    """The app under uvicorn in a thread of this process (for FakeEngine tests)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+def wait_access(caplog, *request_ids: str, timeout: float = 10.0) -> dict[str, logging.LogRecord]:
+    """The access-log records of these requests. A line is written once the response has
+    ended, which may be just after the client has read all of it: wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = {r.request_id: r for r in caplog.records if r.name == "batchmax.access" and r.request_id in request_ids}
+        if len(recs) == len(request_ids) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.01)
 
 
 def start_server(tiny_llama, tmp_path_factory, *extra: str) -> ServerProc:

@@ -8,33 +8,11 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
 from batchmax.server.app import build_app
 from batchmax.server.settings import ServerSettings
-from tests.server.conftest import free_port
+from tests.server.conftest import ThreadServer
 from tests.server.fake_engine import FakeEngine
-
-
-class ThreadServer:
-    def __init__(self, app) -> None:
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "ThreadServer":
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,12 @@ def test_malformed_json(server):
         ("/v1/completions", {}, "prompt"),
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, "prompt"),
+        # past 64 bits: refused before the engine core's messages (int64) could overflow
+        ("/v1/completions", {"prompt": [-(2**63) - 1]}, "prompt"),
+        ("/v1/completions", {"prompt": [[5, 2**64]]}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [2**63]}, "stop_token_ids"),
+        ("/v1/completions", {"prompt": "x", "top_k": 2**70}, "top_k"),
+        ("/v1/completions", {"prompt": "x", "kv_budget": 2**64}, "kv_budget"),
         ("/v1/chat/completions", {"messages": "hi"}, "messages"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
@@ -227,15 +233,22 @@ def test_openapi_is_open_without_an_api_key(server):
 
 
 def test_chat_roles(server, model_id):
-    """OpenAI's roles are accepted (the template renders them); any other is a 400 naming it."""
-    msgs = [{"role": r, "content": f"as {r}"} for r in ("developer", "system", "user", "assistant", "tool", "user")]
+    """OpenAI's roles are accepted (the template renders them), but for function calling's
+    'tool' (refused, like tool_calls in the history); any other is a 400 naming it."""
+    msgs = [{"role": r, "content": f"as {r}"} for r in ("developer", "system", "user", "assistant", "user")]
     r = post(server, "/tokenize", {"messages": msgs})
     assert r.status_code == 200 and r.json()["count"] > 0
     r = post(server, "/v1/chat/completions", {"model": model_id, "messages": msgs, "max_tokens": 2, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     err = assert_error(post(server, "/v1/chat/completions", {"messages": [*msgs, {"role": "robot", "content": "x"}]}), 400,
-                       param="messages.6.role", code="invalid_value")
-    assert err["message"] == "Invalid value: 'robot'. Supported values are: 'system', 'user', 'assistant', 'tool', 'developer'."
+                       param="messages.5.role", code="invalid_value")
+    assert err["message"] == "Invalid value: 'robot'. Supported values are: 'system', 'user', 'assistant', 'developer'."
+    for path in ("/v1/chat/completions", "/tokenize"):
+        assert_error(post(server, path, {"messages": [*msgs, {"role": "tool", "content": "42", "tool_call_id": "c1"}]}), 400,
+                     param="messages.5.role", code="unsupported_parameter")
+    call = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    assert_error(post(server, "/v1/chat/completions", {"messages": [*msgs, call]}), 400, param="messages.5.tool_calls",
+                 code="unsupported_parameter")
 
 
 def test_health_version_models(server, model_id):
@@ -253,3 +266,114 @@ def test_tokenize_detokenize(server):
     assert chat["count"] > r["count"]  # the template adds its markup
     assert_error(post(server, "/detokenize", {"tokens": [-1]}), 400, param="tokens")
     assert_error(post(server, "/tokenize", {}), 400)
+
+
+# ----------------------------------------------------------------------------- vLLM's extensions
+def _chunks(raw: bytes) -> list[dict]:
+    evs = events(raw)
+    assert evs[-1] == b"[DONE]"
+    return [json.loads(e) for e in evs[:-1]]
+
+
+def test_prompt_logprobs_in_vllms_shape(server, model_id):
+    """choices[i].prompt_logprobs: None, then per prompt position {token id: {logprob, rank,
+    decoded_token}}, the prompt's own token first, then its top alternatives (ranks 1..k);
+    the logprobs agree with echo's."""
+    prompt = [1000 + 7 * i for i in range(9)]
+    body = {"model": model_id, "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "prompt_logprobs": 2}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    plp = choice["prompt_logprobs"]
+    assert choice["logprobs"] is None and len(plp) == len(prompt) and plp[0] is None
+    tok = httpx.post(server.url + "/detokenize", json={"tokens": [prompt[1]]}).json()["prompt"]
+    echo = post(server, "/v1/completions", {**body, "prompt_logprobs": None, "echo": True, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    for pos in range(1, len(prompt)):
+        entries = plp[pos]
+        keys = list(entries)
+        assert keys[0] == str(prompt[pos]) and len(keys) in (2, 3)
+        own = entries[keys[0]]
+        assert set(own) == {"logprob", "rank", "decoded_token"} and own["logprob"] <= 0 and own["rank"] >= 1
+        assert own["logprob"] == pytest.approx(echo["token_logprobs"][pos], abs=1e-5)
+        # the top 2 are listed (the prompt's token among them, or beside them)
+        by_rank = sorted(entries.values(), key=lambda e: e["rank"])
+        assert [e["rank"] for e in by_rank[:2]] == [1, 2] and all(e["rank"] <= 2 for e in entries.values() if e is not own)
+        assert by_rank[0]["logprob"] >= by_rank[1]["logprob"] >= own["logprob"] - 1e-6 or own["rank"] == 1
+    assert plp[1][str(prompt[1])]["decoded_token"] == tok
+    # not asked for: not in the body
+    assert "prompt_logprobs" not in post(server, "/v1/completions", {**body, "prompt_logprobs": None}).json()["choices"][0]
+    # streaming: on each choice's first chunk, the same
+    raw = post(server, "/v1/completions", {**body, "stream": True, "n": 2}).content
+    firsts = {}
+    for c in _chunks(raw):
+        ch = c["choices"][0]
+        if ch["index"] not in firsts:
+            firsts[ch["index"]] = ch
+        elif "prompt_logprobs" in ch:
+            raise AssertionError("prompt_logprobs sent twice")
+    assert sorted(firsts) == [0, 1]
+
+    for ch in firsts.values():  # another batch, other float sums: equal but for rounding
+        got = ch["prompt_logprobs"]
+        assert [None if d is None else list(d) for d in got] == [None if d is None else list(d) for d in plp]
+        for a, b in zip(got[1:], plp[1:]):
+            for k in b:
+                assert a[k]["logprob"] == pytest.approx(b[k]["logprob"], abs=1e-4)
+                assert (a[k]["rank"], a[k]["decoded_token"]) == (b[k]["rank"], b[k]["decoded_token"])
+    # chat: on the response (vLLM's place for it)
+    chat = post(server, "/v1/chat/completions", {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                 "prompt_logprobs": 0}).json()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    assert all(len(d) == 1 for d in chat["prompt_logprobs"][1:])  # 0 alternatives: the token alone
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats(server, model_id, path):
+    """stream_options.continuous_usage_stats: every chunk carries its choice's usage so far."""
+    body = {"model": model_id, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True, "n": 2,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"prompt": "count me"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "count me"}]})
+    *chunks, last = _chunks(post(server, path, body).content)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 10
+    prompt_tokens = last["usage"]["prompt_tokens"]
+    seen = {0: 0, 1: 0}
+    for c in chunks:
+        u, i = c["usage"], c["choices"][0]["index"]
+        assert u["prompt_tokens"] == prompt_tokens and u["total_tokens"] == prompt_tokens + u["completion_tokens"]
+        assert u["completion_tokens"] >= seen[i]
+        seen[i] = u["completion_tokens"]
+    assert seen == {0: 5, 1: 5}
+    # without include_usage: usage in every chunk, no usage chunk at the end
+    body["stream_options"] = {"continuous_usage_stats": True}
+    chunks = _chunks(post(server, path, body).content)
+    assert all(c["choices"] and c["usage"]["prompt_tokens"] == prompt_tokens for c in chunks)
+
+
+def test_include_stop_str_in_output(server, model_id):
+    body = {"model": model_id, "prompt": "the stop", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    free = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    needle = free[len(free) // 3 : len(free) // 3 + 3]
+    if not needle.strip():
+        pytest.skip("no usable stop string in this random output")
+    cut = post(server, "/v1/completions", {**body, "stop": [needle]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == free[: free.find(needle)]
+    kept = post(server, "/v1/completions", {**body, "stop": [needle], "include_stop_str_in_output": True}).json()["choices"][0]
+    assert kept["finish_reason"] == "stop" and kept["text"] == free[: free.find(needle) + len(needle)]
+    raw = post(server, "/v1/completions", {**body, "stop": [needle], "include_stop_str_in_output": True, "stream": True}).content
+    assert "".join(c["choices"][0]["text"] for c in _chunks(raw)) == kept["text"]
+
+
+def test_stop_token_text_with_include_stop_str_in_output(server, model_id):
+    """The front end (which decodes the core's tokens) leaves a stop token's text out unless
+    include_stop_str_in_output, like the in-process engine."""
+    body = {"model": model_id, "prompt": [2000, 2001, 2002], "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    free = post(server, "/v1/completions", body).json()["choices"][0]
+    toks = free["logprobs"]["tokens"]
+    k = 4
+    tid = httpx.post(server.url + "/tokenize", json={"prompt": toks[k], "add_special_tokens": False}).json()["tokens"]
+    if len(tid) != 1 or toks.index(toks[k]) != k:
+        pytest.skip("the 5th token's text is not one token here")
+    for include in (False, True):
+        r = post(server, "/v1/completions", {**body, "stop_token_ids": tid, "include_stop_str_in_output": include}).json()["choices"][0]
+        assert r["finish_reason"] == "stop" and len(r["logprobs"]["tokens"]) == k + 1
+        assert r["text"] == "".join(toks[: k + 1] if include else toks[:k])

@@ -251,6 +251,7 @@ def test_stop_token_ids_and_min_tokens(client, server, model_id):
 
 
 def test_unknown_fields_are_ignored(client, model_id):
+    """Logged as a warning (tests/server/test_fields.py checks the line) and ignored, as vLLM does."""
     r = client.completions.create(model=model_id, prompt="x", max_tokens=2, user="someone",
                                   extra_body={"some_future_field": {"a": 1}, "another": [1, 2]})
     assert len(r.choices) == 1
