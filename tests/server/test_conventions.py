@@ -82,13 +82,13 @@ def test_a_bad_request_id_is_replaced(srv):
         assert HEX_ID.match(r.headers["x-request-id"]), bad
 
 
-def test_an_unexpected_error_is_a_500_with_the_request_id(tokenizer):
-    class Broken:
-        def encode(self, *a, **kw):
-            raise RuntimeError("tokenizer exploded")
+def test_an_unexpected_error_is_a_500_with_the_request_id(tokenizer, monkeypatch):
+    def broken(self, *a, **kw):
+        raise RuntimeError("tokenizer exploded")
 
     with ThreadServer(build_app(FakeEngine(tokenizer), ServerSettings(log_stats_interval=0))) as s:
-        s.app.state.bm.tokenizer = Broken()
+        # every tokenizer thread has its own copy (server/tokenizing.py): break them all
+        monkeypatch.setattr(type(tokenizer), "encode", broken)
         r = httpx.post(s.url + "/tokenize", json={"prompt": "x"}, headers={"X-Request-Id": "boom"})
         assert r.status_code == 500 and r.headers["x-request-id"] == "boom"
         assert r.json() == {"error": {"message": "Internal server error (RuntimeError).", "type": "server_error", "param": None, "code": None}}

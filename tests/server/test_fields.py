@@ -27,10 +27,6 @@ HI_SURE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "
 # How a field shows: what the engine is asked ("params": its SamplingParams, "prompt": its
 # prompt ids), "response": the answer's body, "refused": a 400 (404 for model) naming it,
 # "access_log": the call's access-log line.
-# The penalties work (presence/frequency/repetition penalties, min_p, logit_bias,
-# allowed_token_ids, bad_words, generation-config defaults) is another change: its fields are
-# listed as "penalties" and pass when refused with a 400 naming them (what they get today)
-# or when they change the SamplingParams (once implemented).
 # Each case: (kind, fields that change, fields of the baseline beyond BASE).
 SHARED = {
     "model": [("refused", {"model": "not-this-model"}, {})],
@@ -49,9 +45,13 @@ SHARED = {
     "ignore_eos": [("params", {"ignore_eos": True}, {})],
     "min_tokens": [("params", {"min_tokens": 1}, {})],
     "user": [("access_log", {"user": "alice"}, {})],
-    "presence_penalty": [("penalties", {"presence_penalty": 0.5}, {})],
-    "frequency_penalty": [("penalties", {"frequency_penalty": 0.5}, {})],
-    "logit_bias": [("penalties", {"logit_bias": {"5": 1.0}}, {})],
+    "presence_penalty": [("params", {"presence_penalty": 0.5}, {})],
+    "frequency_penalty": [("params", {"frequency_penalty": 0.5}, {})],
+    "logit_bias": [("params", {"logit_bias": {"5": 1.0}}, {})],
+    "repetition_penalty": [("params", {"repetition_penalty": 1.2}, {})],
+    "min_p": [("params", {"min_p": 0.1}, {})],
+    "allowed_token_ids": [("params", {"allowed_token_ids": [5, 6, 7]}, {})],
+    "bad_words": [("params", {"bad_words": ["hello"]}, {})],
     "prompt_logprobs": [("params", {"prompt_logprobs": 1}, {})],
     "include_stop_str_in_output": [("params", {"include_stop_str_in_output": True}, {})],
     "skip_special_tokens": [("params", {"skip_special_tokens": False}, {})],
@@ -173,9 +173,7 @@ def test_every_field_has_an_effect_or_is_refused(fake, caplog, path, field):
             assert rec is not None and rec.user == change["user"] and f'user="{change["user"]}"' in rec.getMessage()
             continue
         r, added = _call(srv, engine, path, body)
-        if kind == "penalties" and r.status_code == 200:
-            kind = "params"
-        if kind in ("refused", "penalties"):
+        if kind == "refused":
             assert r.status_code in (400, 404), (field, r.status_code, r.text)
             err = r.json()["error"]
             assert err["param"] == field, err
@@ -256,8 +254,8 @@ def test_unknown_fields_are_named_in_a_warning_and_ignored(fake, caplog):
     cases = [
         (COMPLETIONS, {**BASE[COMPLETIONS], "foo": 1, "stream": True, "stream_options": {"include_usage": True, "bar": 2}},
          "foo, stream_options.bar"),
-        (CHAT, {**BASE[CHAT], "messages": [{"role": "user", "content": "hi", "weird": True}], "repetition_penalty": 1.2},
-         "repetition_penalty, messages.0.weird"),  # the body's own first, then nested ones
+        (CHAT, {**BASE[CHAT], "messages": [{"role": "user", "content": "hi", "weird": True}], "frobnicate": 1.2},
+         "frobnicate, messages.0.weird"),  # the body's own first, then nested ones
         ("/tokenize", {"prompt": "hi", "return_token_strs": True}, "return_token_strs"),
         ("/detokenize", {"tokens": [5, 6], "extra": "x"}, "extra"),
     ]
