@@ -29,6 +29,9 @@ class ServerContext:
         self.load_error: BaseException | None = None
         self.inflight = 0
         """Generation calls admitted and not yet answered (streams count until they end)."""
+        self.pending_sequences = 0
+        """Sequences of admitted calls not yet handed to the engine (still tokenizing): they count
+        against ``max_queued`` with the engine's waiting requests."""
         self.on_fatal: Callable[[], None] | None = None
         """Called when the model fails to load (the CLI stops the server with it)."""
 
@@ -87,7 +90,8 @@ class ServerContext:
         if not self.ready:
             self.metrics.rejected("loading")
             raise APIError(503, "The model is still loading.", "server_error", code="model_loading", headers=retry)
-        waiting = self.engine.num_waiting
+        # calls admitted but still tokenizing count too: many arriving at once cannot all pass
+        waiting = self.engine.num_waiting + self.pending_sequences
         if waiting + seqs > s.max_queued:
             self.metrics.rejected("queue_full")
             raise APIError(
@@ -96,17 +100,26 @@ class ServerContext:
                 "server_error", code="queue_full", headers=retry,
             )
         self.inflight += 1
-        return Ticket(self)
+        self.pending_sequences += seqs
+        return Ticket(self, seqs)
 
 
 class Ticket:
-    """One admitted generation call; ``release()`` (idempotent) when its response has ended."""
+    """One admitted generation call; ``submitted()`` once its requests are the engine's (or
+    refused by it), ``release()`` when its response has ended. Both idempotent."""
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, sequences: int = 0) -> None:
         self.ctx = ctx
+        self.pending = sequences
         self.released = False
 
+    def submitted(self) -> None:
+        """The call's sequences now count in the engine's queue, no longer as pending here."""
+        self.ctx.pending_sequences -= self.pending
+        self.pending = 0
+
     def release(self) -> None:
+        self.submitted()
         if not self.released:
             self.released = True
             self.ctx.inflight -= 1

@@ -127,6 +127,7 @@ async def _generate(request: Request, model_cls, handler: Callable[[OpenAIServin
     body = await _body(request, ctx, model_cls)
     # admission counts the engine requests the call makes, known from the parsed body
     ticket = ctx.admit(body.num_prompts, body.n, body.prompt_param)
+    request.state.ticket = ticket  # the handler marks it submitted once the engine has the requests
     try:
         _check_model(ctx, body.model)
         resp = await handler(ctx.serving, body, request)

@@ -432,13 +432,17 @@ class OpenAIServing:
             raise bad_request(f"Bad words may be at most {settings.max_stop_length} characters long; "
                               f"bad word {i} has {len(words[i])}.", param="bad_words", code="invalid_value")
 
-    async def _submit(self, subs: list[tuple[str, list[int], SamplingParams]], param: str) -> OutputStream:
+    async def _submit(self, subs: list[tuple[str, list[int], SamplingParams]], param: str, request: Request) -> OutputStream:
         try:
             return await self.ctx.engine.add(subs)
         except ValueError as exc:
             raise engine_error(exc, param) from None
         except EngineDeadError:
             raise APIError(503, "The engine is not running.", "server_error", code="engine_unavailable") from None
+        finally:
+            ticket = getattr(request.state, "ticket", None)  # set by the route (admission)
+            if ticket is not None:
+                ticket.submitted()
 
     def _choices(self, request_id: str, num_prompts: int, n: int, start: float) -> list[_Choice]:
         return [
@@ -591,7 +595,7 @@ class OpenAIServing:
         request_id = self.response_id("cmpl", request)
         choices = self._choices(f"cmpl-{uuid.uuid4().hex}", len(prompts), body.n, start)
         subs = [(c.request_id, prompts[c.prompt_idx], self._params(body, max(1, max_tokens), c.index % body.n, body.logprobs, prompt_lp, "prompt")) for c in choices]
-        stream = await self._submit(subs, "prompt")
+        stream = await self._submit(subs, "prompt", request)
         created = int(time.time())
         view = _CompletionView(self, body, prompts, texts, score_only)
 
@@ -723,7 +727,7 @@ class OpenAIServing:
         request_id = self.response_id("chatcmpl", request)
         choices = self._choices(f"chatcmpl-{uuid.uuid4().hex}", 1, body.n, start)
         subs = [(c.request_id, prompt_ids, self._params(body, max_tokens, c.index, top, plp, "messages")) for c in choices]
-        stream = await self._submit(subs, "messages")
+        stream = await self._submit(subs, "messages", request)
         created = int(time.time())
         # vLLM's echo: the reply begins with the message it continues
         last = body.messages[-1]

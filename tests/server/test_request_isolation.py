@@ -50,6 +50,21 @@ def test_prompt_token_ids_outside_the_vocabulary_are_400_naming_prompt(server):
         assert "prompt token id" in err["message"] and "vocabulary" in err["message"]
 
 
+# (field, a value out of its range): the sampling fields of /v1/completions (a max_tokens past
+# the context is context_length_exceeded on the prompt, as OpenAI answers; test_http has it)
+OUT_OF_RANGE = [
+    ("temperature", -1.0), ("temperature", 1e6), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -5),
+    ("min_p", 1.5), ("min_p", -0.1), ("presence_penalty", 3.0), ("frequency_penalty", -3.0),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+    ("logit_bias", {str(10**9): 1.0}), ("logit_bias", {"5": 1000.0}), ("logit_bias", {"-1": 1.0}),
+    ("allowed_token_ids", [10**9]), ("allowed_token_ids", [-1]), ("allowed_token_ids", []),
+    ("stop_token_ids", [10**9]), ("stop_token_ids", [-5]), ("min_tokens", -1), ("min_tokens", 10**6),
+    ("max_tokens", -1), ("seed", 2**70), ("n", 0), ("n", 10**6),
+    ("logprobs", 100), ("logprobs", -1), ("prompt_logprobs", 100), ("kv_budget", -1), ("kv_budget", 10**30),
+    ("kv_policy", "no-such-policy"), ("bad_words", ["x" * 100000]),
+]
+
+
 def test_bad_requests_beside_20_streams_leave_their_tokens_unchanged(server, model_id, tokenizer):
     """20 greedy streams run while requests with out-of-range stop ids (the sampler's scatter
     used to raise inside the step, failing all 20) and bad prompt ids are refused: each stream
@@ -101,6 +116,11 @@ def test_bad_requests_beside_20_streams_leave_their_tokens_unchanged(server, mod
     for _ in range(3):
         for path, b, param in bad:
             assert_error(post(server, path, {"model": model_id, **b}), 400, param=param, code="invalid_value")
+    # every sampling field, out of range, beside the same 20 streams: each a 400 naming it
+    for field, value in OUT_OF_RANGE:
+        r = post(server, "/v1/completions", {"model": model_id, "prompt": [7, 8, 9], "max_tokens": 8, field: value})
+        assert r.status_code == 400, (field, value, r.text)
+        assert r.json()["error"]["param"].split(".")[0] == field, (field, r.json())
     for t in threads:
         t.join(120)
     for i, res in enumerate(results):
@@ -214,3 +234,28 @@ def test_the_queue_counts_every_sequence_of_a_call(limits_server):
     assert m["batchmax:num_requests_running"] == 0 and m["batchmax:kv_cache_usage_perc"] == 0
     r = httpx.post(url + "/v1/completions", json={"prompt": [[1], [2], [3]], "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
+
+
+def test_admitted_calls_still_tokenizing_count_against_the_queue():
+    """Many calls arriving at once each pass admission before any reaches the engine (they
+    tokenize first): the sequences admitted but not yet submitted count too."""
+    from batchmax.server.context import ServerContext
+    from batchmax.server.protocol import APIError
+    from batchmax.server.settings import ServerSettings
+
+    class Idle:  # an engine with nothing queued
+        num_waiting = 0
+        model_name = "idle"
+
+    ctx = ServerContext(ServerSettings(max_queued=4))
+    ctx.engine, ctx.ready = Idle(), True
+    first = ctx.admit(1, 3)
+    with pytest.raises(APIError) as e:
+        ctx.admit(1, 2)  # 3 pending + 2 > 4, although the engine has nothing waiting
+    assert e.value.status == 503 and e.value.code == "queue_full"
+    first.submitted()  # now the engine's to count (Idle says 0 waiting)
+    second = ctx.admit(1, 2)
+    assert ctx.pending_sequences == 2
+    second.release()
+    first.release()
+    assert ctx.pending_sequences == 0 and ctx.inflight == 0
