@@ -93,7 +93,38 @@ class OutputStream:
             self._ready.set()
 
 
-class AsyncEngine:
+class StreamingEngine:
+    """What the server's two engine handles share (``AsyncEngine`` here, ``EngineCoreClient``
+    across processes): ``generate`` over ``add``, and aborts by request id. Subclasses give
+    ``add`` and ``_abort``."""
+
+    async def add(self, requests: Sequence[tuple[str, Prompt, SamplingParams]]) -> OutputStream:
+        raise NotImplementedError
+
+    def _abort(self, request_ids: list[str] | None) -> None:
+        """Queue the abort of these requests (None: every request)."""
+        raise NotImplementedError
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs. A rejected request raises ``ValueError`` on the
+        first iteration, before any output. Stopping early (``aclose()``, ``break`` followed
+        by finalization, or cancellation) aborts the request and frees its KV."""
+        stream = await self.add([(request_id or uuid.uuid4().hex, prompt, params)])
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    def abort(self, request_id: str | Sequence[str]) -> None:
+        """Abort requests (their streams end with finish_reason ``abort``). Thread-safe."""
+        self._abort([request_id] if isinstance(request_id, str) else list(request_id))
+
+    def abort_all(self) -> None:
+        self._abort(None)
+
+
+class AsyncEngine(StreamingEngine):
     """Runs ``engine`` (an ``LLMEngine``) in a background thread; see the module docstring.
 
     ``on_step(stats)`` is called in the engine thread after every step (the metrics use it
@@ -152,24 +183,8 @@ class AsyncEngine:
             raise
         return stream
 
-    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs. A rejected request raises ``ValueError`` on the
-        first iteration, before any output. Stopping early (``aclose()``, ``break`` followed
-        by finalization, or cancellation) aborts the request and frees its KV."""
-        stream = await self.add([(request_id or uuid.uuid4().hex, prompt, params)])
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.close()
-
-    def abort(self, request_id: str | Sequence[str]) -> None:
-        """Abort requests (their streams end with finish_reason ``abort``). Thread-safe."""
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        self._transport.send(AbortCommand(ids))
-
-    def abort_all(self) -> None:
-        self._transport.send(AbortCommand(None))
+    def _abort(self, request_ids: list[str] | None) -> None:
+        self._transport.send(AbortCommand(request_ids))
 
     def stats(self) -> EngineStats:
         """The engine's stats as of its last step or command (a copy; exact between steps)."""

@@ -29,12 +29,11 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 
-from batchmax.engine.async_engine import EngineDeadError, OutputStream
+from batchmax.engine.async_engine import EngineDeadError, OutputStream, StreamingEngine
 from batchmax.engine.config import EngineConfig
 from batchmax.engine.core_messages import (
     AbortMsg,
@@ -59,7 +58,7 @@ logger = logging.getLogger("batchmax.engine")
 Prompt = str | list[int]
 
 
-class EngineCoreClient:
+class EngineCoreClient(StreamingEngine):
     """Starts the engine core and waits until its model is loaded (raises ``RuntimeError`` if
     loading fails or the process dies first). ``on_step(stats)`` runs in the event loop for
     every engine step, with ``stats.last_step_tokens`` set to that step's tokens."""
@@ -154,20 +153,8 @@ class EngineCoreClient:
             raise
         return stream
 
-    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        stream = await self.add([(request_id or uuid.uuid4().hex, prompt, params)])
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.close()
-
-    def abort(self, request_id: str | Sequence[str]) -> None:
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        self._send(AbortMsg(ids))
-
-    def abort_all(self) -> None:
-        self._send(AbortMsg(None))
+    def _abort(self, request_ids: list[str] | None) -> None:
+        self._send(AbortMsg(request_ids))
 
     def stats(self) -> EngineStats:
         return dataclasses.replace(self._stats)
