@@ -48,14 +48,13 @@ from batchmax.engine.core_messages import (
     from_core_decoder,
 )
 from batchmax.engine.default_model import resolve_model
+from batchmax.engine.engine_loop import Prompt
 from batchmax.engine.output_processor import RequestState
 from batchmax.engine.outputs import RequestOutput
 from batchmax.engine.sampling import SamplingParams
 from batchmax.engine.stats import EngineStats
 
 logger = logging.getLogger("batchmax.engine")
-
-Prompt = str | list[int]
 
 
 class EngineCoreClient(StreamingEngine):
