@@ -118,6 +118,8 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if params.structured_outputs is not None:
+            raise ValueError("structured_outputs: constrained decoding is not implemented by this engine yet")
         spec = self._logits_spec(params) if params.processes_logits else None
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(

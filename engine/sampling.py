@@ -22,6 +22,37 @@ logits by 1e-38 overflows float32 to inf, and the softmax of infinities is NaN."
 
 
 @dataclass
+class StructuredOutputsParams:
+    """What a request's output must match (vLLM's ``StructuredOutputsParams``); exactly one
+    of the constraint fields is set. The grammar state lives in the request, not in the KV
+    cache, so eviction never touches it."""
+
+    json: dict | str | None = None
+    """A JSON schema (a dict, or its JSON text) the output must validate against."""
+    regex: str | None = None
+    """A regular expression the whole output must match."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """A context-free grammar (EBNF/GBNF or Lark, as the grammar engine accepts)."""
+    json_object: bool = False
+    """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``)."""
+    whitespace_pattern: str | None = None
+    """A regex for the whitespace allowed between JSON tokens; ``None``: the engine's default."""
+
+    def __post_init__(self) -> None:
+        set_ = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        set_ += ["json_object"] if self.json_object else []
+        if len(set_) != 1:
+            raise ValueError(
+                "structured outputs take exactly one of json, regex, choice, grammar, json_object; "
+                f"got {set_ or 'none'}"
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured outputs: choice must not be empty")
+
+
+@dataclass
 class SamplingParams:
     max_tokens: int = 16
     """Most tokens to generate (also bounded by the context length)."""
@@ -75,6 +106,9 @@ class SamplingParams:
     """vLLM's: words never generated. Each is tokenized as is and with a leading space; a
     single-token word is always masked, a longer one's last token is masked where the output
     ends with the others."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON schema, regex, choice or grammar (grammar-guided
+    decoding: a token bitmask applied to the logits on the device)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
