@@ -163,7 +163,7 @@ def _engine_args(cli: str) -> dict:
     args = build_parser().parse_args(["serve", *shlex.split(cli)])
     kw = engine_kwargs(args)
     return {k: v for k, v in kw.items() if k in {"kv_policy", "kv_budget", "kv_recall", "chunk_size", "max_num_seqs",
-                                                  "max_num_batched_tokens", "evict_decode_every"} and v is not None}
+                                                  "max_num_batched_tokens", "evict_decode_every", "host_kv_tokens"} and v is not None}
 
 
 if __name__ == "__main__":

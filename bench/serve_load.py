@@ -75,6 +75,10 @@ def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dic
             if out.finished:
                 finals[out.request_id] = (out, now)
     duration = time.perf_counter() - t0
+    st = eng.stats()
+    # recall that found no room in the host store ran plain eviction instead: say so beside the figure
+    print(f"offline engine: peak running batch {st.peak_running_batch_size}, recall fallbacks {st.num_recall_fallbacks_total}",
+          file=sys.stderr, flush=True)
     timings = []
     for rid, m in marks.items():
         out, end = finals[rid]
