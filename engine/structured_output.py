@@ -66,6 +66,28 @@ BACKEND = "xgrammar"
 _XGR_PREFIX = re.compile(r"^\[[0-9:]+\] [^ ]+\.cc:\d+: (Check failed: \(.*?\) is false: )?")
 
 
+# xgrammar 0.2.7 turns a string with minLength/maxLength into "<rule>_characters{min, max}"
+# with ``<rule>_characters ::= (([^\"\\\r\n]))``: raw control characters allowed (invalid
+# JSON, json.loads refuses it: seen with a random-weight model) and escapes refused. Such rules
+# are rewritten to one JSON string character (an escape counts as one, as maxLength counts).
+_BAD_STRING_CHAR = r'(([^\"\\\r\n]))'
+_JSON_CHAR_RULE = r'bm_json_char ::= [^\0-\x1f\"\\] | "\\" ([\"\\/bfnrt] | "u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])'
+
+
+def json_schema_ebnf(schema: str, any_whitespace: bool) -> str:
+    """xgrammar's EBNF of a JSON schema, with its length-bounded string characters fixed."""
+    import xgrammar as xgr
+
+    lines = str(xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace)).splitlines()
+    fixed = False
+    for i, line in enumerate(lines):
+        name, _, rhs = line.partition(" ::= ")
+        if name.endswith("_characters") and rhs == _BAD_STRING_CHAR:
+            lines[i] = f"{name} ::= ((bm_json_char))"
+            fixed = True
+    return "\n".join(lines + [_JSON_CHAR_RULE] if fixed else lines)
+
+
 def _client_message(exc: Exception) -> str:
     """xgrammar's error without its C++ log prefix ("[12:00:00] /project/cpp/x.cc:83: ")."""
     return _XGR_PREFIX.sub("", str(exc).strip()).strip()
@@ -93,7 +115,7 @@ class GrammarState:
 def grammar_key(so: StructuredOutputsParams) -> tuple[str, str]:
     """What identifies a compiled grammar: its kind and its canonical text."""
     if so.json is not None:
-        schema = so.json if isinstance(so.json, str) else json.dumps(so.json, sort_keys=True)
+        schema = so.json if isinstance(so.json, str) else json.dumps(so.json)  # key order is output order
         return "json", schema
     if so.regex is not None:
         return "regex", so.regex
@@ -171,9 +193,9 @@ class StructuredOutputs:
             if kind == "json":
                 if isinstance(json.loads(text), bool):  # xgrammar takes true/false schemas; clients mean objects
                     raise ValueError("a JSON schema must be an object")
-                return c.compile_json_schema(text, any_whitespace=ws)
+                return c.compile_grammar(json_schema_ebnf(text, ws))
             if kind == "json_object":
-                return c.compile_json_schema('{"type": "object"}', any_whitespace=ws)
+                return c.compile_grammar(json_schema_ebnf('{"type": "object"}', ws))
             if kind == "regex":
                 return c.compile_regex(text)
             if kind == "choice":
