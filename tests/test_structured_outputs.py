@@ -311,3 +311,16 @@ def test_engine_core_process_matches_in_process(tiny_llama, tiny):
         core.shutdown()
     for i, (a, b) in enumerate(zip(ref, got)):
         assert _fields(a) == _fields(b) and a.text == b.text, f"request {i}"
+
+
+def test_throughput_bench_structured_path_on_cpu(tiny_llama):
+    """``bench/throughput.py --structured-schema builtin`` (W1 constrained on the GPU), its
+    batchmax runner on the tiny model: every request constrained, exactly the output length."""
+    from bench.throughput import build_parser, parse_config, run_batchmax
+
+    a = build_parser().parse_args(["--structured-schema", "builtin", "--chunk", "32", "--max-num-seqs", "8", "--max-num-batched-tokens", "128"])
+    r = run_batchmax(parse_config("full"), random_prompts([40] * 4, seed=5), 24, a, model=str(tiny_llama))
+    assert r["out_tokens"] == 4 * 24 and r["structured_schema"] == "builtin" and r["config"] == "full +json:builtin"
+    plain = run_batchmax(parse_config("full"), random_prompts([40] * 4, seed=5), 24, build_parser().parse_args(["--chunk", "32"]),
+                         model=str(tiny_llama))
+    assert plain["structured_schema"] is None and plain["config"] == "full"
