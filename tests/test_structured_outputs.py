@@ -324,3 +324,20 @@ def test_throughput_bench_structured_path_on_cpu(tiny_llama):
     plain = run_batchmax(parse_config("full"), random_prompts([40] * 4, seed=5), 24, build_parser().parse_args(["--chunk", "32"]),
                          model=str(tiny_llama))
     assert plain["structured_schema"] is None and plain["config"] == "full"
+
+
+@pytest.mark.parametrize("asy", [False, True], ids=["sync", "async"])
+def test_preemption_keeps_the_matcher(tiny_llama, tiny, asy):
+    """A preempted request is recomputed from prompt + output; its matcher, on the request,
+    carries on where it was."""
+    prompts = random_prompts([120, 110, 100, 90, 80, 70], seed=12)
+    long = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 16, "maxItems": 16}  # 30+ tokens
+    params = [_p(SO(json=long), n=96, temperature=1.0 if i % 2 else 0.0, seed=i) for i in range(6)]
+    ref = tiny.generate(prompts, params)
+    tight = LLM(str(tiny_llama), device="cpu", chunk_size=64, num_tokens=20 * 16, decode_reserve_tokens=0, async_scheduling=asy)
+    outs = tight.generate(prompts, params)
+    assert tight.engine.stats().num_preemptions_total > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    for o in outs:
+        jsonschema.validate(json.loads(o.text), long)
+    _settled(tight)
