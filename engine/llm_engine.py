@@ -410,7 +410,7 @@ class LLMEngine:
             self._finish(req, FinishReason.STOP, None)
         elif stop_tok:
             self._finish(req, FinishReason.STOP, tok)
-        elif req.grammar is not None and req.grammar.matcher.is_terminated():
+        elif req.grammar is not None and req.grammar.terminated:
             self._finish(req, FinishReason.STOP, tok)  # a grammar stop token under ignore_eos
         elif generated >= p.max_tokens or req.num_prompt_tokens + generated >= self.max_model_len:
             self._finish(req, FinishReason.LENGTH)

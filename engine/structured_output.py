@@ -1,10 +1,14 @@
 """Grammar-constrained decoding (structured outputs) with xgrammar.
 
-A request with ``SamplingParams.structured_outputs`` gets, at admission, a compiled grammar
-(``compile``: JSON schema, regex, choice, EBNF or Lark grammar, any JSON object; compiled
-grammars are kept in a small LRU keyed by what was asked, so a repeated schema costs nothing)
-and its own ``GrammarState`` on the ``Request``: an xgrammar matcher and how many of the
-output tokens it has consumed. The state is host-side and per request, never in the KV
+A request with ``SamplingParams.structured_outputs`` gets, at admission, its grammar
+(``compile``: JSON schema, regex, choice, EBNF or Lark grammar, any JSON object). Admission
+only parses it (about a millisecond; an invalid one is the client's ValueError); the compile
+proper, xgrammar's costly part (0.2-0.4 s for a typical schema on a CPU host: it precomputes
+token masks), runs on a background thread (xgrammar releases the GIL) while the request's prompt
+is prefilled, and its first sampling step waits for whatever is left. Compiled grammars (as
+futures) are kept in a small LRU keyed by what was asked, so a repeated schema costs nothing.
+The request gets its own ``GrammarState`` on the ``Request``: an xgrammar matcher (made at its
+first sampling step) and how many of the output tokens it has consumed. The state is host-side and per request, never in the KV
 cache: eviction, recall and preemption (a recompute from prompt + output) leave it alone.
 With ``n > 1`` each sequence is its own ``Request`` with its own matcher over the shared
 compiled grammar.
@@ -48,7 +52,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -97,19 +103,38 @@ def _client_message(exc: Exception) -> str:
 class GrammarState:
     """A request's place in its grammar (host memory, on the ``Request``)."""
 
-    matcher: object
-    """The ``xgrammar.GrammarMatcher``."""
+    compiled: Future
+    """The ``xgrammar.CompiledGrammar``, compiled in the background (shared through the LRU)."""
+    _matcher: object | None = None
     accepted: int = 0
     """Output tokens the matcher has consumed (with async scheduling it may be one ahead of
     ``Request.output_token_ids``: the pending token, consumed when its mask was needed)."""
     error: str | None = None
-    """Set when the matcher rejected a token; the request ends with this error."""
+    """Set when the matcher rejected a token (or the compile failed); the request ends with it."""
     released: bool = False
+
+    def matcher(self):
+        """The ``xgrammar.GrammarMatcher``, made at the request's first sampling step: waits
+        for a compile still running then. ``None`` (and ``error`` set) if it failed."""
+        if self._matcher is None and self.error is None:
+            import xgrammar as xgr
+
+            try:
+                self._matcher = xgr.GrammarMatcher(self.compiled.result())
+            except Exception as exc:  # validated at admission: not expected
+                self.error = f"structured_outputs: the grammar failed to compile: {_client_message(exc)}"
+        return self._matcher
+
+    @property
+    def terminated(self) -> bool:
+        m = self.matcher()
+        return m is not None and m.is_terminated()
 
     @property
     def live(self) -> bool:
         """Whether the next token is constrained (neither terminated nor failed)."""
-        return self.error is None and not self.matcher.is_terminated()
+        m = self.matcher()
+        return m is not None and not m.is_terminated()
 
 
 def grammar_key(so: StructuredOutputsParams) -> tuple[str, str]:
@@ -142,13 +167,16 @@ class StructuredOutputs:
         self.device = torch.device(device)
         self.to_device = to_device
         self._compiler = None  # built with the first constrained request
-        self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None  # compiles off the engine thread (xgrammar releases the GIL)
+        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._host_mask: torch.Tensor | None = None  # (capacity, ceil(V/32)) int32, grown as needed
         self._bits: torch.Tensor | None = None  # (32,) int32 on the device: 0..31
         self.num_active = 0
         """Constrained requests admitted and not yet released; 0: ``apply`` is never called."""
         self.num_compiled = 0
         """Grammars compiled (LRU misses), for tests and stats."""
+        self.compile_wait_s = 0.0
+        """Time sampling steps spent waiting for a compile still running."""
 
     # ---- compile ------------------------------------------------------------------------------
 
@@ -165,9 +193,12 @@ class StructuredOutputs:
             self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         return self._compiler
 
-    def compile(self, so: StructuredOutputsParams):
-        """The compiled grammar of ``so`` (from the LRU when asked before), or ValueError with
-        a client-fit message naming the constraint."""
+    def compile(self, so: StructuredOutputsParams) -> Future:
+        """The compiled grammar of ``so``, as a future: from the LRU when asked before, else
+        parsed here (a ValueError with a client-fit message naming the constraint when it is
+        invalid; parsing takes about a millisecond) and compiled on a background thread (the
+        costly part, ~0.2-0.4 s for a typical schema on a CPU: xgrammar precomputes its token
+        masks). The request prefills meanwhile; its first sampling step waits for the rest."""
         if so.whitespace_pattern is not None:
             raise ValueError(
                 f"structured_outputs.whitespace_pattern is not supported by the {BACKEND} backend "
@@ -178,31 +209,37 @@ class StructuredOutputs:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        compiled = self._compile(key)
+        grammar = self._parse(key)
+        compiler = self._compiler_()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchmax-grammar")
+        compiled = self._pool.submit(compiler.compile_grammar, grammar)
         self.num_compiled += 1
         self._cache[key] = compiled
         while len(self._cache) > self.config.grammar_cache_size:
             self._cache.popitem(last=False)
         return compiled
 
-    def _compile(self, key: tuple[str, str]):
+    def _parse(self, key: tuple[str, str]):
+        """The ``xgrammar.Grammar`` of ``key`` (parsed, not compiled), or ValueError."""
+        import xgrammar as xgr
+
         kind, text = key
-        c = self._compiler_()
         ws = self.config.json_any_whitespace
         try:
             if kind == "json":
                 if isinstance(json.loads(text), bool):  # xgrammar takes true/false schemas; clients mean objects
                     raise ValueError("a JSON schema must be an object")
-                return c.compile_grammar(json_schema_ebnf(text, ws))
+                return xgr.Grammar.from_ebnf(json_schema_ebnf(text, ws))
             if kind == "json_object":
-                return c.compile_grammar(json_schema_ebnf('{"type": "object"}', ws))
+                return xgr.Grammar.from_ebnf(json_schema_ebnf('{"type": "object"}', ws))
             if kind == "regex":
-                return c.compile_regex(text)
+                return xgr.Grammar.from_regex(text)
             if kind == "choice":
                 alternatives = " | ".join(json.dumps(s) for s in json.loads(text))  # JSON escapes are EBNF's
-                return c.compile_grammar(f"root ::= {alternatives}")
+                return xgr.Grammar.from_ebnf(f"root ::= {alternatives}")
             # EBNF (GBNF, rules "name ::= ...") or Lark ("name: ...", the start rule "start")
-            return c.compile_grammar(text) if "::=" in text else c.compile_lark(text)
+            return xgr.Grammar.from_ebnf(text) if "::=" in text else xgr.Grammar.from_lark(text)
         except (RuntimeError, ValueError, json.JSONDecodeError) as exc:
             what = {"json": "invalid JSON schema", "json_object": "json_object", "regex": "invalid regex",
                     "choice": "invalid choice", "grammar": "invalid grammar"}[kind]
@@ -211,9 +248,7 @@ class StructuredOutputs:
     # ---- requests -----------------------------------------------------------------------------
 
     def new_state(self, so: StructuredOutputsParams) -> GrammarState:
-        import xgrammar as xgr
-
-        return GrammarState(xgr.GrammarMatcher(self.compile(so)))
+        return GrammarState(self.compile(so))
 
     def track(self, req: Request) -> None:
         """``req`` (with a ``grammar``) is admitted: steps mask while any such is active."""
@@ -234,9 +269,9 @@ class StructuredOutputs:
     @staticmethod
     def _advance(g: GrammarState, tok: int) -> None:
         g.accepted += 1
-        if g.error is not None or g.matcher.is_terminated():
-            return  # the request ends on this step's results; later tokens are discarded
-        if not g.matcher.accept_token(tok):
+        if not g.live:
+            return  # terminated or failed: the request ends on this step's results; later tokens are discarded
+        if not g.matcher().accept_token(tok):
             g.error = f"structured_outputs: token {tok} does not continue the grammar (another parameter masked every token it allows)"
 
     # ---- one step -----------------------------------------------------------------------------
@@ -250,6 +285,12 @@ class StructuredOutputs:
         if not rows:
             return
         reqs = [sampled[i] for i in rows]
+        waiting = [r.grammar.compiled for r in reqs if not r.grammar.compiled.done()]
+        if waiting:  # compiles that did not finish during the prefill
+            t0 = time.perf_counter()
+            for f in waiting:
+                f.exception()  # waits; a failure is the request's (GrammarState.matcher)
+            self.compile_wait_s += time.perf_counter() - t0
         if any(r.num_pending_tokens for r in reqs):
             # the mask needs the previous step's token: wait for its copies (the forward of
             # this step is already queued behind them, so the device keeps working)
@@ -266,7 +307,7 @@ class StructuredOutputs:
         mask = self._host_mask[:k]
         for j, r in enumerate(reqs):
             if r.grammar.live:
-                r.grammar.matcher.fill_next_token_bitmask(mask, j)
+                r.grammar.matcher().fill_next_token_bitmask(mask, j)
             else:
                 mask[j].fill_(-1)  # terminated or failed: it ends on this step's results; its token is discarded
         # staged through pinned memory: the host buffer is free to be rewritten at once

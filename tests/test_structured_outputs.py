@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -341,3 +342,27 @@ def test_preemption_keeps_the_matcher(tiny_llama, tiny, asy):
     for o in outs:
         jsonschema.validate(json.loads(o.text), long)
     _settled(tight)
+
+
+def test_the_compile_runs_while_the_request_prefills(tiny_llama):
+    """Admission only parses the grammar; the compile (xgrammar's costly part) runs on a
+    background thread while the request's prompt is prefilled, and its first sampling step
+    waits for whatever is left."""
+    llm = LLM(str(tiny_llama), async_scheduling=False, **KW)
+    eng, st = llm.engine, llm.engine.structured
+    gate = threading.Event()
+    compiler = st._compiler_()
+    real = compiler.compile_grammar
+    compiler.compile_grammar = lambda g: (gate.wait(30), real(g))[1]  # held until the prefill has run
+    prompt = random_prompts([200], seed=4)[0]  # 7 chunks of 32
+    eng.add_request("c", prompt, _p(SO(json=SCHEMAS[1])))
+    for _ in range(4):
+        eng.step()
+    req = eng.requests["c"]
+    assert req.num_computed_tokens == 4 * 32 and not req.grammar.compiled.done()
+    gate.set()
+    out = None
+    while eng.has_unfinished_requests():
+        out = next((o for o in eng.step() if o.finished), out)
+    jsonschema.validate(json.loads(out.text), SCHEMAS[1])
+    assert st.compile_wait_s < 30
