@@ -124,6 +124,28 @@ def bench_llguidance(tok, ids: list[int], repeats: int) -> dict:
             "compile_cold_s": cold, "compile_warm_s": None, "fill_s": fills, "apply8_s": apply_s}
 
 
+def bench_batchmax_apply(vocab: int, rows=(1, 8, 64), repeats: int = 20) -> list[tuple[int, float]]:
+    """batchmax's device-side masking (``StructuredOutputs.apply_bitmask``: unpack the
+    (K, ceil(V/32)) bitmask, one masked_fill over the K rows of (S, V) float32 logits), on the CPU."""
+    import torch
+
+    from batchmax.engine.config import StructuredOutputsConfig
+    from batchmax.engine.structured_output import StructuredOutputs
+
+    so = StructuredOutputs(StructuredOutputsConfig(), None, vocab, set(), torch.device("cpu"), lambda t, d: t)
+    out = []
+    for k in rows:
+        logits = torch.randn(k, vocab)
+        mask = torch.randint(-(2**31), 2**31 - 1, (k, (vocab + 31) // 32), dtype=torch.int32)
+        idx = torch.arange(k)
+        so.apply_bitmask(logits, idx, mask)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            so.apply_bitmask(logits, idx, mask)
+        out.append((k, (time.perf_counter() - t0) / repeats))
+    return out
+
+
 def _ms(x: float) -> str:
     return f"{x * 1e3:.3f}"
 
@@ -143,6 +165,9 @@ def main() -> None:
         warm = "-" if r["compile_warm_s"] is None else _ms(r["compile_warm_s"])
         print(f"| {r['engine']} | {_ms(r['tokenizer_info_s'])} | {_ms(statistics.median(r['compile_cold_s']))} | {warm} | "
               f"{_ms(statistics.median(f))} / {_ms(statistics.mean(f))} / {_ms(f[int(0.99 * (len(f) - 1))])} | {_ms(r['apply8_s'])} |")
+    print("\n| batchmax apply_bitmask, K rows of (K, V) float32 | ms |\n|---|---|")
+    for k, t in bench_batchmax_apply(len(tok)):
+        print(f"| K = {k} | {_ms(t)} |")
 
 
 if __name__ == "__main__":

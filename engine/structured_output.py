@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from batchmax.engine.request import Request
 
 BACKEND = "xgrammar"
-"""The grammar engine (what ``guided_decoding_backend`` may name, besides "auto")."""
+"""The grammar engine (named in client messages)."""
 _XGR_PREFIX = re.compile(r"^\[[0-9:]+\] [^ ]+\.cc:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -171,6 +171,7 @@ class StructuredOutputs:
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._host_mask: torch.Tensor | None = None  # (capacity, ceil(V/32)) int32, grown as needed
         self._bits: torch.Tensor | None = None  # (32,) int32 on the device: 0..31
+        self._batch = None  # xgrammar.BatchGrammarMatcher: fills many rows on its threads
         self.num_active = 0
         """Constrained requests admitted and not yet released; 0: ``apply`` is never called."""
         self.num_compiled = 0
@@ -305,11 +306,21 @@ class StructuredOutputs:
         if cap < k:
             self._host_mask = torch.empty((max(8, k, 2 * cap), words), dtype=torch.int32)
         mask = self._host_mask[:k]
-        for j, r in enumerate(reqs):
-            if r.grammar.live:
-                r.grammar.matcher().fill_next_token_bitmask(mask, j)
-            else:
-                mask[j].fill_(-1)  # terminated or failed: it ends on this step's results; its token is discarded
+        live = [(j, r.grammar.matcher()) for j, r in enumerate(reqs) if r.grammar.live]
+        if len(live) > 1:
+            # xgrammar fills the rows on its own threads (GIL released): most states take
+            # microseconds, a few milliseconds (inside length-bounded or patterned strings)
+            if self._batch is None:
+                import xgrammar as xgr
+
+                self._batch = xgr.BatchGrammarMatcher()
+            self._batch.batch_fill_next_token_bitmask([m for _, m in live], mask, [j for j, _ in live])
+        elif live:
+            live[0][1].fill_next_token_bitmask(mask, live[0][0])
+        if len(live) < k:
+            for j, r in enumerate(reqs):
+                if not r.grammar.live:
+                    mask[j].fill_(-1)  # terminated or failed: it ends on this step's results; its token is discarded
         # staged through pinned memory: the host buffer is free to be rewritten at once
         dev = self.to_device(torch.cat([mask.view(-1), torch.tensor(rows, dtype=torch.int32)]), torch.int32)
         self.apply_bitmask(logits, dev[k * words :].long(), dev[: k * words].view(k, words))
