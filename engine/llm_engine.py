@@ -139,7 +139,7 @@ class LLMEngine:
             need = self.scheduler.footprint_tokens(req)
             raise ValueError(f"the request needs {need} tokens of KV cache, more than the pool holds ({self.cache.capacity_tokens})")
         if params.structured_outputs is not None:
-            # last: the compile (from the LRU when the grammar was seen) is the costly check
+            # last: parsed here (a ValueError when invalid), compiled in the background (structured_output.py)
             req.grammar = self.structured.new_state(params.structured_outputs)
         return req
 
