@@ -178,6 +178,8 @@ class StructuredOutputs:
         """Grammars compiled (LRU misses), for tests and stats."""
         self.compile_wait_s = 0.0
         """Time sampling steps spent waiting for a compile still running."""
+        self.num_token_waits = 0
+        """Steps whose mask waited for the previous step's tokens (async scheduling's cost)."""
 
     # ---- compile ------------------------------------------------------------------------------
 
@@ -296,6 +298,7 @@ class StructuredOutputs:
             # the mask needs the previous step's token: wait for its copies (the forward of
             # this step is already queued behind them, so the device keeps working)
             inflight.wait()
+            self.num_token_waits += 1
             host = inflight.host_tokens
             for r in reqs:
                 self.accept(r)

@@ -248,6 +248,7 @@ def test_async_scheduling_is_token_exact(tiny, tiny_async, evict):
         assert _fields(a) == _fields(b), f"request {i}"
     for i in (0, 2):
         jsonschema.validate(json.loads(sync[i].text), params[i].structured_outputs.json)
+    assert tiny_async.engine.structured.num_token_waits > 0 and tiny.engine.structured.num_token_waits == 0
     if evict:
         assert tiny.engine.stats().kv_tokens_evicted_total > 0
     _settled(tiny)
