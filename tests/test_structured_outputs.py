@@ -367,3 +367,23 @@ def test_the_compile_runs_while_the_request_prefills(tiny_llama):
         out = next((o for o in eng.step() if o.finished), out)
     jsonschema.validate(json.loads(out.text), SCHEMAS[1])
     assert st.compile_wait_s < 30
+
+
+@pytest.mark.parametrize("any_ws", [False, True])
+def test_json_whitespace_setting(tiny, any_ws):
+    """``json_any_whitespace`` (``--json-any-whitespace``): compact JSON (", " and ": ") by
+    default, any whitespace between tokens (vLLM's default) when set."""
+    import torch
+    import xgrammar as xgr
+
+    from batchmax.engine.config import StructuredOutputsConfig
+    from batchmax.engine.structured_output import StructuredOutputs
+
+    e = tiny.engine
+    st = StructuredOutputs(StructuredOutputsConfig(json_any_whitespace=any_ws), e.tokenizer, e.runner.spec.vocab_size,
+                           e.eos_token_ids, torch.device("cpu"), lambda t, d: t)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}}, "required": ["a", "b"]}
+    compiled = st.compile(SO(json=schema)).result()
+    for text, compact in (('{"a": 1, "b": true}', True), ('{ "a":1,\n  "b" : true }', False)):
+        m = xgr.GrammarMatcher(compiled)
+        assert (m.accept_string(text) and m.is_completed()) == (compact or any_ws), text
