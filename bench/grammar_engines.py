@@ -132,7 +132,7 @@ def bench_batchmax_apply(vocab: int, rows=(1, 8, 64), repeats: int = 20) -> list
     from batchmax.engine.config import StructuredOutputsConfig
     from batchmax.engine.structured_output import StructuredOutputs
 
-    so = StructuredOutputs(StructuredOutputsConfig(), None, vocab, set(), torch.device("cpu"), lambda t, d: t)
+    so = StructuredOutputs(StructuredOutputsConfig(), None, vocab, set(), lambda t, d: t)
     out = []
     for k in rows:
         logits = torch.randn(k, vocab)

@@ -70,8 +70,7 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids()
         # grammar-constrained decoding; nothing is compiled or allocated before a request uses it
         self.structured = StructuredOutputs(
-            config.structured_outputs, self.tokenizer, spec.vocab_size, self.eos_token_ids,
-            self.runner.device, self.cache.stager.to_device,
+            config.structured_outputs, self.tokenizer, spec.vocab_size, self.eos_token_ids, self.cache.stager.to_device,
         )
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, Detokenizer] = {}

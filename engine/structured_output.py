@@ -155,8 +155,7 @@ class StructuredOutputs:
     """The engine's grammar compiler, its LRU of compiled grammars, and the per-step mask."""
 
     def __init__(
-        self, config: StructuredOutputsConfig, tokenizer, vocab_size: int, eos_token_ids: set[int],
-        device: torch.device, to_device,
+        self, config: StructuredOutputsConfig, tokenizer, vocab_size: int, eos_token_ids: set[int], to_device,
     ) -> None:
         """``vocab_size``: the lm_head's rows (V, may exceed the tokenizer's); ``to_device``:
         the engine's non-stalling staged copy (``PinnedStager.to_device``)."""
@@ -164,7 +163,6 @@ class StructuredOutputs:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
-        self.device = torch.device(device)
         self.to_device = to_device
         self._compiler = None  # built with the first constrained request
         self._pool: ThreadPoolExecutor | None = None  # compiles off the engine thread (xgrammar releases the GIL)

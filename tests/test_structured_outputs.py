@@ -373,7 +373,6 @@ def test_the_compile_runs_while_the_request_prefills(tiny_llama):
 def test_json_whitespace_setting(tiny, any_ws):
     """``json_any_whitespace`` (``--json-any-whitespace``): compact JSON (", " and ": ") by
     default, any whitespace between tokens (vLLM's default) when set."""
-    import torch
     import xgrammar as xgr
 
     from batchmax.engine.config import StructuredOutputsConfig
@@ -381,7 +380,7 @@ def test_json_whitespace_setting(tiny, any_ws):
 
     e = tiny.engine
     st = StructuredOutputs(StructuredOutputsConfig(json_any_whitespace=any_ws), e.tokenizer, e.runner.spec.vocab_size,
-                           e.eos_token_ids, torch.device("cpu"), lambda t, d: t)
+                           e.eos_token_ids, lambda t, d: t)
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}}, "required": ["a", "b"]}
     compiled = st.compile(SO(json=schema)).result()
     for text, compact in (('{"a": 1, "b": true}', True), ('{ "a":1,\n  "b" : true }', False)):
