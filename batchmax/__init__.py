@@ -7,8 +7,8 @@ engine -> policies (``docs/ARCHITECTURE.md``).
 
 The offline API::
 
-    from batchmax import LLM, SamplingParams
+    from batchmax import LLM, SamplingParams, StructuredOutputsParams
 """
-from batchmax.engine import LLM, EngineConfig, RequestOutput, SamplingParams
+from batchmax.engine import LLM, EngineConfig, RequestOutput, SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "RequestOutput"]

@@ -26,6 +26,15 @@ bandwidth (weights once per decode step of each wave, plus every request's kept 
     python -m bench.throughput --workload W1 --configs full snapkv@512 snapkv@1024 snapkv@512+recall
     python -m bench.throughput --workload W2 --num-prompts 96 --configs full snapkv@1024 --peer-prompts 8 --static-batch 8
 
+``--structured-schema builtin|FILE`` constrains every batchmax request to one JSON schema
+(grammar-constrained decoding, ``engine/structured_output.py``): ``builtin`` is
+``BUILTIN_SCHEMA``, an array of at least 64 records that no output of 256 or 512 tokens
+completes, so every request still produces exactly the output length; a FILE's schema may end
+outputs early (their real token count is reported). The shape-only model has no tokenizer:
+the grammar is built over ``--structured-tokenizer`` (default: the default model's, vocab
+49,152; the model's other rows are masked as padding). The peers run unconstrained. Without
+the option nothing changes.
+
 Appends JSON lines to ``--json``; ``--plot`` draws tok/s against budget and running batch
 from every line of that file (matplotlib).
 """
@@ -43,6 +52,38 @@ from bench import append_jsonl
 from bench.models import LLAMA3_8B, shape_only_model
 
 WORKLOADS = {"W1": (128, 4096, 256), "W2": (96, 16384, 512)}
+BUILTIN_SCHEMA = {
+    "type": "array", "minItems": 64,
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 0, "maximum": 1000000},
+            "name": {"type": "string", "maxLength": 16},
+            "active": {"type": "boolean"},
+            "score": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+            "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        },
+        "required": ["id", "name", "active", "score", "tags"],
+        "additionalProperties": False,
+    },
+}
+"""``--structured-schema builtin``: records of typical API fields; at least 64 of them (well
+over 512 tokens), so the grammar never ends an output before ``max_tokens``."""
+
+
+def structured_schema(spec: str | None) -> dict | None:
+    """``builtin``, a JSON schema file, or None (unconstrained)."""
+    if spec is None:
+        return None
+    if spec == "builtin":
+        return BUILTIN_SCHEMA
+    with open(spec) as f:
+        return json.load(f)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # ---- the device's two ceilings --------------------------------------------------------------
@@ -128,11 +169,27 @@ def run_vllm(prompts, out_len: int, a) -> dict:
     return json.loads(lines[-1][len(MARK):])
 
 
-def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
+def run_batchmax(cfg: dict, prompts, out_len: int, a, model: str | None = None) -> dict:
+    """``model``: another model folder (default: the Llama-3-8B shape; tests pass a tiny one
+    to run this on the CPU)."""
     from batchmax.engine import LLM, SamplingParams
+    from batchmax.engine.sampling import StructuredOutputsParams
 
+    schema = structured_schema(a.structured_schema)
+    so = None if schema is None else StructuredOutputsParams(json=schema)
+    if so is None:
+        tok = dict(skip_tokenizer_init=True)
+    else:  # the grammar needs a tokenizer; outputs stay token ids (no detokenizing in the timed loop)
+        from batchmax.engine.default_model import default_model_dir
+
+        tok = dict(tokenizer=str(a.structured_tokenizer or default_model_dir()), detokenize=False)
+
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, structured_outputs=so)
+
+    cuda = torch.cuda.is_available()
     pool = dict(num_tokens=int(a.kv_gib * 2**30) // kv_token_bytes()) if a.kv_gib else {}
-    llm = LLM(shape_only_model(LLAMA3_8B), load_format="dummy", **pool, skip_tokenizer_init=True, chunk_size=a.chunk,
+    llm = LLM(model or shape_only_model(LLAMA3_8B), load_format="dummy", **pool, **tok, chunk_size=a.chunk,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=cfg["policy"],
               kv_budget=cfg["budget"], kv_recall=cfg["recall"], host_kv_tokens=a.host_kv_tokens if cfg["recall"] else None,
               max_model_len=len(prompts[0]) + out_len + a.chunk, fused_ops=a.fused_ops, async_scheduling=a.async_scheduling,
@@ -142,28 +199,35 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a) -> dict:
     # compiled before the clock starts (a 64-token warm-up left that to the first timed
     # configuration of each process: W1 snapkv@512 measured 16,557 tok/s first, 19,476 later)
     n_warm = min(len(prompts), max(1, a.max_num_batched_tokens // a.chunk))
-    llm.generate([p[: 3 * a.chunk] for p in prompts[:n_warm]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    # (with a schema, the warm-up also compiles it: the timed run takes it from the LRU)
+    llm.generate([p[: 3 * a.chunk] for p in prompts[:n_warm]], params(8))
+    _sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     eng = llm.engine
     eng.reset_peak_running_batch()
     fallbacks0 = eng.stats().num_recall_fallbacks_total
-    retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)  # caching-allocator frees + retries (each syncs)
+    # caching-allocator frees + retries (each syncs)
+    retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True), use_tqdm=a.progress)
-    torch.cuda.synchronize()
+    outs = llm.generate(prompts, params(out_len), use_tqdm=a.progress)
+    _sync()
     elapsed = time.perf_counter() - t0
-    assert all(len(o.token_ids) == out_len for o in outs)
+    produced = sum(len(o.token_ids) for o in outs)
+    if schema is None or a.structured_schema == "builtin":
+        assert produced == len(prompts) * out_len, "every request produces exactly the output length"
     st = eng.stats()
-    res = dict(system="batchmax", config=cfg["name"], prompts=len(prompts), elapsed_s=elapsed, out_tokens=len(prompts) * out_len,
-               peak_batch=st.peak_running_batch_size, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+    res = dict(system="batchmax", config=cfg["name"] + (f" +json:{a.structured_schema}" if so else ""), prompts=len(prompts),
+               elapsed_s=elapsed, out_tokens=produced, structured_schema=a.structured_schema,
+               peak_batch=st.peak_running_batch_size, peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
                recall_fallbacks=st.num_recall_fallbacks_total - fallbacks0, kv_pool_tokens=eng.cache.capacity_tokens,
                budget=cfg["budget"], recall=cfg["recall"], fused_ops=eng.runner.fused_ops, async_scheduling=eng.async_scheduling,
                chunk=a.chunk, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-               alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0)
+               alloc_retries=(torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0) - retries0)
     del llm, eng, outs
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return res
 
 
@@ -266,7 +330,7 @@ def plot(json_path: str, png: str) -> None:
     fig.savefig(png, dpi=130)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=list(WORKLOADS), default="W1")
     p.add_argument("--num-prompts", type=int, default=None, help="default: 128 (W1), 96 (W2)")
@@ -289,6 +353,14 @@ def main(argv=None):
     p.add_argument("--progress", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG from every line of --json (no run when --configs is empty)")
+    p.add_argument("--structured-schema", default=None, metavar="builtin|FILE",
+                   help="constrain every batchmax request to this JSON schema (builtin: BUILTIN_SCHEMA); default: unconstrained")
+    p.add_argument("--structured-tokenizer", default=None, help="tokenizer folder for the grammar (default: the default model's)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.plot and not a.configs:
         plot(a.json, a.plot)

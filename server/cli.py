@@ -52,6 +52,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="decode tokens reserved per request at admission (default: all max_tokens, never preempts); "
                         "fewer admits more and preempts (recompute) when the pool runs out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grammar-cache-size", type=int, default=64, help="compiled grammars kept for structured outputs (LRU)")
+    p.add_argument("--json-any-whitespace", action=argparse.BooleanOptionalAction, default=False,
+                   help="structured JSON outputs may put any whitespace between tokens (vLLM's default); off: compact JSON")
     p.add_argument("--debug-fail-step-token", type=int, default=None, metavar="ID",
                    help="TESTING ONLY: every engine step that schedules a request whose prompt holds token ID fails "
                         "(fault injection, see engine/faults.py)")
@@ -81,6 +84,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         async_scheduling=args.async_scheduling,
         seed=args.seed,
         decode_reserve_tokens=args.decode_reserve_tokens,
+        grammar_cache_size=args.grammar_cache_size,
+        json_any_whitespace=args.json_any_whitespace,
         debug_fail_step_token=args.debug_fail_step_token,
     )
 
