@@ -126,6 +126,22 @@ class EvictionConfig:
 
 
 @dataclass
+class StructuredOutputsConfig:
+    """Grammar-constrained decoding (``engine/structured_output.py``)."""
+
+    grammar_cache_size: int = 64
+    """Compiled grammars kept (LRU, keyed by the schema, regex, choice or grammar text)."""
+    json_any_whitespace: bool = False
+    """Let JSON outputs put any whitespace between tokens (vLLM's default). ``False``: compact
+    JSON with the separators ", " and ": ", which also keeps a weak model from filling its
+    output with whitespace."""
+
+    def __post_init__(self) -> None:
+        if self.grammar_cache_size < 1:
+            raise ValueError("grammar_cache_size must be >= 1")
+
+
+@dataclass
 class EngineConfig:
     model: str | None = None
     """A local Hugging Face model directory. ``None``: the default model (SmolLM2-135M-Instruct)."""
@@ -159,6 +175,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Fault injection for reliability tests (``engine/faults.py``); off by default."""
 
@@ -177,7 +194,10 @@ class EngineConfig:
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
         """Build a config from flat keywords: top-level fields, or fields of any group."""
-        groups = {"cache": CacheConfig, "scheduler": SchedulerConfig, "eviction": EvictionConfig, "faults": FaultConfig}
+        groups = {
+            "cache": CacheConfig, "scheduler": SchedulerConfig, "eviction": EvictionConfig,
+            "structured_outputs": StructuredOutputsConfig, "faults": FaultConfig,
+        }
         top = {f.name for f in dataclasses.fields(cls)} - set(groups)
         found: dict[str, dict[str, Any]] = {g: {} for g in groups}
         direct: dict[str, Any] = {}

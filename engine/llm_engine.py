@@ -28,6 +28,7 @@ from batchmax.engine.request import FinishReason, Request, TokenLogprob
 from batchmax.engine.sampling import Sampler, SamplingParams
 from batchmax.engine.scheduler import Scheduler
 from batchmax.engine.stats import EngineStats
+from batchmax.engine.structured_output import StructuredOutputs
 from batchmax.policies import get_policy
 
 log = logging.getLogger("batchmax")
@@ -67,6 +68,11 @@ class LLMEngine:
         self._inflight: StepInFlight | None = None  # launched, tokens not read yet (async scheduling)
         self._touched_unreported: list[Request] = []  # got tokens in a step processed as the next one failed
         self.eos_token_ids = self._eos_ids()
+        # grammar-constrained decoding; nothing is compiled or allocated before a request uses it
+        self.structured = StructuredOutputs(
+            config.structured_outputs, self.tokenizer, spec.vocab_size, self.eos_token_ids,
+            self.runner.device, self.cache.stager.to_device,
+        )
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, Detokenizer] = {}
         self.windows: dict = {}  # observation windows of evicting requests, across steps
@@ -118,8 +124,8 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if params.structured_outputs is not None:
-            raise ValueError("structured_outputs: constrained decoding is not implemented by this engine yet")
+        if params.structured_outputs is not None and params.min_tokens:
+            raise ValueError("min_tokens cannot be combined with structured_outputs (the grammar decides where the output ends)")
         spec = self._logits_spec(params) if params.processes_logits else None
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
@@ -132,6 +138,9 @@ class LLMEngine:
         if not self.scheduler.fits_pool(req):
             need = self.scheduler.footprint_tokens(req)
             raise ValueError(f"the request needs {need} tokens of KV cache, more than the pool holds ({self.cache.capacity_tokens})")
+        if params.structured_outputs is not None:
+            # last: the compile (from the LRU when the grammar was seen) is the costly check
+            req.grammar = self.structured.new_state(params.structured_outputs)
         return req
 
     def _logits_spec(self, params: SamplingParams) -> LogitsSpec:
@@ -192,6 +201,8 @@ class LLMEngine:
             req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         if req.recall:
             self._ensure_host_store()
+        if req.grammar is not None:
+            self.structured.track(req)
         self.requests[request_id] = req
         if self.tokenizer is not None and self.config.detokenize:
             self.detok[request_id] = Detokenizer.for_params(self.tokenizer, prompt_ids, params)
@@ -263,6 +274,7 @@ class LLMEngine:
                 outs[r.request_id] = self._output(r)
         for r in self._finished_unreported:
             self.processors.release(r)
+            self.structured.release(r)
             self.requests.pop(r.request_id, None)
             self.detok.pop(r.request_id, None)
             self.windows.pop(r.request_id, None)
@@ -305,9 +317,15 @@ class LLMEngine:
 
         sampled = step.sampled
         if sampled:
+            lg = logits[: len(sampled)]  # (S, V)
+            if self.structured.num_active:
+                # grammar bitmasks first, in place on the constrained rows (vLLM's order); with
+                # async scheduling this waits for the previous step's tokens, after this
+                # step's forward is queued (structured_output.py, "Async scheduling")
+                self.structured.apply(lg, sampled, self._inflight)
             # bias, allowed ids, bad words, penalties: a float32 copy when any request has
             # them, else the logits as they are (nothing runs)
-            lg, processed = self.processors.apply(logits[: len(sampled)], sampled)
+            lg, processed = self.processors.apply(lg, sampled)
             suppress = [self._suppressed(r) for r in sampled]  # before this step's token is pending
             tokens = self.sampler(lg, [r.params for r in sampled], [r.generator for r in sampled], suppress)  # edits lg in place
             self.processors.update(processed, tokens)  # counts and tails hold this step's tokens, on the device
@@ -378,12 +396,22 @@ class LLMEngine:
         # a stop token's own text is not the request's, unless include_stop_str_in_output
         shown = detok is not None and (p.include_stop_str_in_output or not (eos or stop_tok))
         stop_str = detok.add(tok, check_stop=past_min) if shown else None
+        if req.grammar is not None:
+            self.structured.accept(req)  # a no-op when the mask of the next step already advanced it
+            if req.grammar.error is not None:
+                req.error = req.grammar.error
+                self._finish(req, FinishReason.ERROR)
+                if detok:
+                    detok.flush()
+                return
         if stop_str is not None:
             self._finish(req, FinishReason.STOP, stop_str)
         elif eos:
             self._finish(req, FinishReason.STOP, None)
         elif stop_tok:
             self._finish(req, FinishReason.STOP, tok)
+        elif req.grammar is not None and req.grammar.matcher.is_terminated():
+            self._finish(req, FinishReason.STOP, tok)  # a grammar stop token under ignore_eos
         elif generated >= p.max_tokens or req.num_prompt_tokens + generated >= self.max_model_len:
             self._finish(req, FinishReason.LENGTH)
         if detok and req.is_finished and stop_str is None:

@@ -70,6 +70,9 @@ class Request:
     penalties, resolved at admission; ``None`` when it has none (most requests)."""
     logits_slot: int | None = None
     """Its row in ``LogitsProcessors``' device tables, from its first sampling step on."""
+    grammar: object | None = None
+    """The request's ``GrammarState`` (structured_output.py): its matcher, host-side and never
+    in the KV cache; ``None`` without structured outputs."""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

@@ -118,11 +118,15 @@ class StreamOptions(_Request):
 
 class ResponseFormat(_Request):
     type: str = "text"
+    """``text``, ``json_object`` or ``json_schema`` (``server/structured.py``)."""
     json_schema: dict[str, Any] | None = None
+    """``{"name": ..., "description": ..., "schema": {...}, "strict": bool}``."""
 
 
-_STRUCTURED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-               "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag")
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
+           "guided_whitespace_pattern": "whitespace_pattern"}
+"""vLLM's legacy fields, removed in vLLM 0.12 (ignored by vLLM since): refused, naming their
+``structured_outputs`` key."""
 
 
 class _SamplingFields(_Request):
@@ -158,8 +162,8 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     response_format: ResponseFormat | None = None
-    """Only ``{"type": "text"}`` (the default); structured output is refused."""
-    # vLLM's structured outputs (refused: batchmax does not constrain decoding)
+    """``text`` (the default), ``json_object`` or ``json_schema``: constrained decoding."""
+    # vLLM's structured outputs (``server/structured.py``); the guided_* fields are refused
     structured_outputs: Any = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -188,11 +192,15 @@ class _SamplingFields(_Request):
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) of a known OpenAI or vLLM feature batchmax cannot honour, else
         None. Silently ignoring these would change results, so they are rejected."""
-        for name in _STRUCTURED:
+        for name, key in _GUIDED.items():
             if getattr(self, name) is not None:
-                return name, f"'{name}': structured outputs (constrained decoding) are not supported by this server."
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", f"response_format type {self.response_format.type!r} is not supported (only 'text')."
+                return name, (f"'{name}' was removed in vLLM 0.12 and is not accepted; send "
+                              f"\"structured_outputs\": {{\"{key}\": ...}} instead.")
+        if self.guided_decoding_backend is not None:
+            return "guided_decoding_backend", ("'guided_decoding_backend' was removed in vLLM 0.12 and is not accepted "
+                                               "(this server's grammar engine is xgrammar).")
+        if self.structural_tag is not None:
+            return "structural_tag", "'structural_tag' is not supported by this server (send response_format or structured_outputs)."
         if self.priority != 0:
             return "priority", "'priority' is not supported by this server: requests are scheduled in arrival order (send 0 or omit it)."
         return None

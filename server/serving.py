@@ -34,7 +34,7 @@ from batchmax.engine.async_engine import EngineDeadError, OutputStream
 from batchmax.engine.default_model import resolve_model
 from batchmax.engine.outputs import RequestOutput
 from batchmax.engine.request import TokenLogprob
-from batchmax.engine.sampling import SamplingParams
+from batchmax.engine.sampling import SamplingParams, StructuredOutputsParams
 from batchmax.server.chat_output import ChatOutputParser
 from batchmax.server.metrics import RequestTracker
 from batchmax.server.protocol import (
@@ -56,6 +56,7 @@ from batchmax.server.protocol import (
     validation_error_to_api,
 )
 from batchmax.server.reasoning_parsers import ReasoningParser, get_reasoning_parser
+from batchmax.server.structured import request_constraint
 from batchmax.server.tokenizing import TokenizerPool, bytes_per_token_bound, utf8_len
 from batchmax.server.tokenizing import bytes_to_unicode as _bytes_to_unicode
 from batchmax.server.tool_calling import ToolPlan, plan_tools, template_messages_tool_calls
@@ -389,7 +390,10 @@ class OpenAIServing:
                 code="context_length_exceeded",
             )
 
-    def _params(self, body, max_tokens: int, j: int, logprobs: int | None, prompt_logprobs: int | None, param: str) -> SamplingParams:
+    def _params(
+        self, body, max_tokens: int, j: int, logprobs: int | None, prompt_logprobs: int | None, param: str,
+        structured: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
         defaults = self.sampling_defaults
 
         def pick(name: str, fallback):  # the request's value, else the model's default, else OpenAI's
@@ -422,14 +426,18 @@ class OpenAIServing:
                 kv_policy=body.kv_policy,
                 kv_budget=body.kv_budget,
                 kv_recall=body.kv_recall,
+                structured_outputs=structured,
             )
         except ValueError as exc:
             raise engine_error(exc, param) from None
 
-    def _check_common(self, body) -> None:
+    def _check_common(self, body) -> tuple[str, StructuredOutputsParams] | None:
+        """400 on what the request may not ask; returns its output constraint (the field it
+        came from, the engine's params) or None."""
         problem = body.unsupported()
         if problem:
             raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")
+        constraint = request_constraint(body)
         if body.stream_options is not None and not body.stream:
             raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                               param="stream_options", code="invalid_value")
@@ -451,12 +459,23 @@ class OpenAIServing:
         if i is not None:
             raise bad_request(f"Bad words may be at most {settings.max_stop_length} characters long; "
                               f"bad word {i} has {len(words[i])}.", param="bad_words", code="invalid_value")
+        return constraint
 
-    async def _submit(self, subs: list[tuple[str, list[int], SamplingParams]], param: str, request: Request) -> OutputStream:
+    async def _submit(
+        self, subs: list[tuple[str, list[int], SamplingParams]], param: str, request: Request,
+        constraint: tuple[str, StructuredOutputsParams] | None = None,
+    ) -> OutputStream:
         try:
             return await self.ctx.engine.add(subs)
         except ValueError as exc:
-            raise engine_error(exc, param) from None
+            err = engine_error(exc, param)
+            msg = str(exc)
+            if constraint is not None and msg.startswith("structured_outputs"):
+                # the grammar did not compile: name the field the client sent it in
+                # (structured_outputs.json, response_format.json_schema.schema, ...)
+                src, _ = constraint
+                err.param = src if src.startswith(("response_format", "tools")) else msg.split(":", 1)[0].split(" ", 1)[0]
+            raise err from None
         except EngineDeadError:
             raise APIError(503, "The engine is not running.", "server_error", code="engine_unavailable") from None
         finally:
@@ -587,7 +606,7 @@ class OpenAIServing:
 
     async def create_completion(self, body: CompletionRequest, request: Request) -> Response:
         start = time.monotonic()
-        self._check_common(body)
+        constraint = self._check_common(body)
         if body.suffix:
             raise bad_request("'suffix' is not supported by this server.", param="suffix", code="unsupported_parameter")
         if body.best_of is not None and body.best_of != body.n:
@@ -614,8 +633,10 @@ class OpenAIServing:
         prompt_lp = max(wanted) if wanted else None
         request_id = self.response_id("cmpl", request)
         choices = self._choices(f"cmpl-{uuid.uuid4().hex}", len(prompts), body.n, start)
-        subs = [(c.request_id, prompts[c.prompt_idx], self._params(body, max(1, max_tokens), c.index % body.n, body.logprobs, prompt_lp, "prompt")) for c in choices]
-        stream = await self._submit(subs, "prompt", request)
+        so = constraint[1] if constraint else None
+        subs = [(c.request_id, prompts[c.prompt_idx], self._params(body, max(1, max_tokens), c.index % body.n, body.logprobs, prompt_lp, "prompt", so))
+                for c in choices]
+        stream = await self._submit(subs, "prompt", request, constraint)
         created = int(time.time())
         view = _CompletionView(self, body, prompts, texts, score_only)
 
@@ -746,12 +767,13 @@ class OpenAIServing:
             out.append(msg)
         return out
 
-    def _tool_plan(self, body: ChatCompletionRequest) -> ToolPlan:
+    def _tool_plan(self, body: ChatCompletionRequest, constraint: tuple[str, StructuredOutputsParams] | None) -> ToolPlan:
         s = self.ctx.settings
         plan = plan_tools(body, self.tool_parser, s.enable_auto_tool_choice, s.exclude_tools_when_tool_choice_none)
-        if plan.constrained and body.response_format is not None and body.response_format.type != "text":
-            raise bad_request("'response_format' cannot be combined with tool_choice 'required' or a named function "
-                              "(both constrain the output).", param="response_format", code="invalid_value")
+        if plan.constrained and constraint is not None:
+            field = constraint[0].split(".", 1)[0]
+            raise bad_request(f"'{field}' cannot be combined with tool_choice 'required' or a named function "
+                              "(both constrain the output).", param=field, code="invalid_value")
         return plan
 
     def _reasoning_enabled(self, body: ChatCompletionRequest, plan: ToolPlan) -> bool:
@@ -789,8 +811,10 @@ class OpenAIServing:
 
     async def create_chat_completion(self, body: ChatCompletionRequest, request: Request) -> Response:
         start = time.monotonic()
-        self._check_common(body)
-        plan = self._tool_plan(body)
+        constraint = self._check_common(body)
+        plan = self._tool_plan(body, constraint)
+        if plan.constrained:  # the calls' schema is the constraint (a grammar error names 'tools')
+            constraint = ("tools", plan.structured)
         self._check_reasoning_effort(body)
         reasoning = self._reasoning_enabled(body, plan)
         messages = self.chat_messages(body)
@@ -807,9 +831,10 @@ class OpenAIServing:
         plp = body.prompt_logprobs
         request_id = self.response_id("chatcmpl", request)
         choices = self._choices(f"chatcmpl-{uuid.uuid4().hex}", 1, body.n, start)
-        subs = [(c.request_id, prompt_ids, self._tool_params(self._params(body, max_tokens, c.index, top, plp, "messages"), plan))
+        so = constraint[1] if constraint else None
+        subs = [(c.request_id, prompt_ids, self._tool_params(self._params(body, max_tokens, c.index, top, plp, "messages", so), plan))
                 for c in choices]
-        stream = await self._submit(subs, "messages", request)
+        stream = await self._submit(subs, "messages", request, constraint)
         created = int(time.time())
         # vLLM's echo: the reply begins with the message it continues
         last = body.messages[-1]

@@ -336,6 +336,17 @@ def test_reasoning_effort_goes_to_the_template(fake, tiny_llama):
 
 
 # ----------------------------------------------------------------------------- the real engine
+# bounded strings: a random model under a constraint otherwise writes a string until max_tokens
+BOUNDED = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}}, "required": ["hour"],
+        "additionalProperties": False}}},
+]
+
+
 @pytest.fixture(scope="module")
 def real(tiny_llama, tmp_path_factory):
     srv = start_server(tiny_llama, tmp_path_factory)
@@ -344,7 +355,7 @@ def real(tiny_llama, tmp_path_factory):
 
 
 def _constrained(real, body):
-    r = httpx.post(real.url + CHAT, json={"messages": ASK, "tools": TOOLS, "max_tokens": 120, "temperature": 1.0, **body}, timeout=120)
+    r = httpx.post(real.url + CHAT, json={"messages": ASK, "tools": BOUNDED, "max_tokens": 300, "temperature": 1.0, **body}, timeout=120)
     if r.status_code == 400 and "not implemented" in r.text:
         pytest.skip("the engine does not constrain decoding yet (needs the 'so' branch merged)")
     assert r.status_code == 200, r.text
@@ -357,7 +368,7 @@ def test_required_always_calls_with_valid_arguments(real, seed):
     if choice["finish_reason"] == "length":
         pytest.skip("the random model ran out of tokens inside the array")
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["tool_calls"]
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED}
     for call in choice["message"]["tool_calls"]:
         jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
 
@@ -369,13 +380,13 @@ def test_named_always_calls_with_valid_arguments(real, seed):
         pytest.skip("the random model ran out of tokens inside the arguments")
     (call,) = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
-    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
+    jsonschema.validate(json.loads(call["function"]["arguments"]), BOUNDED[0]["function"]["parameters"])
 
 
 def test_required_stream_reassembles_on_the_real_engine(real):
     body = {"tool_choice": "required", "seed": 5}
     whole = _constrained(real, body)
-    r = httpx.post(real.url + CHAT, json={"messages": ASK, "tools": TOOLS, "max_tokens": 120, "temperature": 1.0, "stream": True, **body},
+    r = httpx.post(real.url + CHAT, json={"messages": ASK, "tools": BOUNDED, "max_tokens": 300, "temperature": 1.0, "stream": True, **body},
                    timeout=120)
     events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
     got, finish = reassembled(events)

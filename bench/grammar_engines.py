@@ -1,0 +1,149 @@
+"""xgrammar vs llguidance on the CPU: grammar compile time of a typical JSON schema and the
+per-token bitmask fill time, with the default model's tokenizer (SmolLM2, vocab 49,152).
+
+    python -m bench.grammar_engines [--tokens 64] [--repeats 5]
+
+Each engine decodes the same JSON document token by token (the document is valid for the
+schema, tokenized with the model's tokenizer): per token it fills the (1, ceil(V/32)) int32
+bitmask and then accepts the token. Compile is timed cold (a new compiler, no cache) and
+warm (the same schema again through the engine's own cache, where it has one).
+Results: bench/results/2026-12-01-cpu-grammar-engines.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from importlib.metadata import version
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 100000},
+        "name": {"type": "string", "maxLength": 40},
+        "email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"},
+        "active": {"type": "boolean"},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 4},
+        "address": {
+            "type": "object",
+            "properties": {"street": {"type": "string"}, "city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["street", "city"],
+        },
+        "manager": {"anyOf": [{"type": "null"}, {"type": "integer"}]},
+    },
+    "required": ["id", "name", "active", "role", "tags"],
+}
+DOCUMENT = {
+    "id": 4521, "name": "Ada Lovelace", "email": "ada@example.com", "active": True, "score": 0.93,
+    "role": "admin", "tags": ["math", "engines", "poetry"], "address": {"street": "12 St James's Square", "city": "London", "zip": "12345"},
+    "manager": None,
+}
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from batchmax.engine.default_model import default_model_dir
+
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def bench_xgrammar(tok, ids: list[int], repeats: int) -> dict:
+    import torch
+    import xgrammar as xgr
+
+    t0 = time.perf_counter()
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok))
+    info_s = time.perf_counter() - t0
+    text = json.dumps(SCHEMA)
+    cold = []
+    for _ in range(repeats):
+        compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        t0 = time.perf_counter()
+        compiled = compiler.compile_json_schema(text, any_whitespace=False, separators=(",", ":"))
+        cold.append(time.perf_counter() - t0)
+    compiler = xgr.GrammarCompiler(info)
+    compiler.compile_json_schema(text, any_whitespace=False, separators=(",", ":"))
+    t0 = time.perf_counter()
+    compiler.compile_json_schema(text, any_whitespace=False, separators=(",", ":"))
+    warm = time.perf_counter() - t0
+    bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    fills = []
+    for _ in range(repeats):
+        m = xgr.GrammarMatcher(compiled)
+        for t in ids:
+            t0 = time.perf_counter()
+            m.fill_next_token_bitmask(bitmask, 0)
+            fills.append(time.perf_counter() - t0)
+            assert m.accept_token(t), "document rejected"
+    logits = torch.randn(8, info.vocab_size)
+    mask8 = bitmask.repeat(8, 1)
+    t0 = time.perf_counter()
+    for _ in range(100):
+        xgr.apply_token_bitmask_inplace(logits, mask8)
+    apply_s = (time.perf_counter() - t0) / 100
+    return {"engine": f"xgrammar {version('xgrammar')}", "tokenizer_info_s": info_s, "compile_cold_s": cold,
+            "compile_warm_s": warm, "fill_s": fills, "apply8_s": apply_s}
+
+
+def bench_llguidance(tok, ids: list[int], repeats: int) -> dict:
+    import llguidance as llg
+    import llguidance.hf
+    import llguidance.torch as lt
+    import torch
+
+    t0 = time.perf_counter()
+    lltok = llguidance.hf.from_tokenizer(tok, n_vocab=len(tok))
+    info_s = time.perf_counter() - t0
+    grammar = llg.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
+    cold = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        m = llg.LLMatcher(lltok, grammar)  # compiles (lazily built lexer, computed on demand)
+        cold.append(time.perf_counter() - t0)
+        assert not m.is_error(), m.get_error()
+    bitmask = lt.allocate_token_bitmask(1, lltok.vocab_size)
+    fills = []
+    for _ in range(repeats):
+        m = llg.LLMatcher(lltok, grammar)
+        for t in ids:
+            t0 = time.perf_counter()
+            lt.fill_next_token_bitmask(m, bitmask, 0)
+            fills.append(time.perf_counter() - t0)
+            assert m.consume_token(t), m.get_error()
+    logits = torch.randn(8, lltok.vocab_size)
+    mask8 = bitmask.repeat(8, 1)
+    t0 = time.perf_counter()
+    for _ in range(100):
+        lt.apply_token_bitmask_inplace(logits, mask8)
+    apply_s = (time.perf_counter() - t0) / 100
+    return {"engine": f"llguidance {version('llguidance')}", "tokenizer_info_s": info_s,
+            "compile_cold_s": cold, "compile_warm_s": None, "fill_s": fills, "apply8_s": apply_s}
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    tok = _tokenizer()
+    ids = tok.encode(json.dumps(DOCUMENT, separators=(",", ":")), add_special_tokens=False)
+    print(f"tokenizer vocab {len(tok)}; document {len(ids)} tokens; schema {len(json.dumps(SCHEMA))} bytes")
+    print("| engine | tokenizer info (ms) | compile cold, median (ms) | compile warm (ms) | fill per token median / mean / p99 (ms) | apply (8, V) (ms) |")
+    print("|---|---|---|---|---|---|")
+    for fn in (bench_xgrammar, bench_llguidance):
+        r = fn(tok, ids, args.repeats)
+        f = sorted(r["fill_s"])
+        warm = "-" if r["compile_warm_s"] is None else _ms(r["compile_warm_s"])
+        print(f"| {r['engine']} | {_ms(r['tokenizer_info_s'])} | {_ms(statistics.median(r['compile_cold_s']))} | {warm} | "
+              f"{_ms(statistics.median(f))} / {_ms(statistics.mean(f))} / {_ms(f[int(0.99 * (len(f) - 1))])} | {_ms(r['apply8_s'])} |")
+
+
+if __name__ == "__main__":
+    main()
