@@ -141,6 +141,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allowed_headers=args.allowed_headers,
             access_log=not args.disable_access_log,
             log_stats_interval=args.log_stats_interval,
+            tool_call_parser=args.tool_call_parser,
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
+            exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+            reasoning_parser=args.reasoning_parser,
         )
         config = EngineConfig.from_kwargs(**engine_kwargs(args))
     except (ValueError, TypeError) as exc:
@@ -299,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help='CORS: origins allowed to call the API from a browser, a JSON list or comma list ("*": any); default: CORS off')
     s.add_argument("--allowed-methods", type=list_arg, default=["*"], help="CORS: allowed methods (JSON or comma list; default *)")
     s.add_argument("--allowed-headers", type=list_arg, default=["*"], help="CORS: allowed request headers (JSON or comma list; default *)")
+    s.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="tool-call syntax of the model: hermes, llama3_json, mistral (default: detected from the chat template)")
+    s.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=True,
+                   help="parse calls for tool_choice auto (on by default whenever a parser is known; --no-... refuses auto)")
+    s.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="leave the tools out of the prompt when tool_choice is none")
+    s.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="move the model's thinking into reasoning / reasoning_content: qwen3, deepseek_r1")
     s.add_argument("--disable-access-log", action="store_true", help="no access-log line per request (batchmax.access)")
     s.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between the engine's stats lines (running, waiting, KV use, tok/s), logged while busy; 0: off")

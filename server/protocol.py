@@ -259,21 +259,37 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+class MessageFunctionCall(_Request):
+    name: str
+    arguments: str
+    """JSON text, as OpenAI sends it (templates get it parsed, ``serving.chat_messages``)."""
+
+
+class MessageToolCall(_Request):
+    """A call of an earlier assistant reply, sent back in the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(_Request):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    # OpenAI's message fields that the prompt cannot carry (function calling, audio, an
-    # assistant's refusal or annotations): declared so that they are refused, never dropped;
-    # null or empty is accepted (clients echo earlier replies with them unset)
-    tool_calls: Any = None
-    tool_call_id: Any = None
+    tool_calls: list[MessageToolCall] | None = None
+    """An assistant message's calls; rendered through the chat template."""
+    tool_call_id: str | None = None
+    """A ``tool`` message's answer to this call id (required there, refused elsewhere)."""
+    # OpenAI's message fields that the prompt cannot carry (the deprecated function_call,
+    # audio, an assistant's refusal or annotations): declared so that they are refused,
+    # never dropped; null or empty is accepted (clients echo earlier replies with them unset)
     function_call: Any = None
     audio: Any = None
     refusal: Any = None
     annotations: Any = None
 
-    REFUSED: ClassVar[tuple[str, ...]] = ("tool_calls", "tool_call_id", "function_call", "audio", "refusal", "annotations")
+    REFUSED: ClassVar[tuple[str, ...]] = ("function_call", "audio", "refusal", "annotations")
 
     def text(self) -> str:
         if self.content is None:
@@ -286,6 +302,52 @@ class ChatMessage(_Request):
                 raise ValueError(f"content parts of type {p.type!r} are not supported (text only)")
             parts.append(p.text)
         return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- tools
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+"""OpenAI's rule for function names."""
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of an object (the arguments); None: no arguments."""
+    strict: bool | None = None
+    """OpenAI's strict mode: the arguments must match ``parameters``. Honoured where the
+    output is constrained (``tool_choice`` required or named); refused with ``auto``."""
+
+    @field_validator("parameters")
+    @classmethod
+    def _a_json_schema_of_an_object(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(v, default=jsonschema.Draft202012Validator).check_schema(v)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+        if v.get("type", "object") != "object":
+            raise ValueError(f"the schema must be of type 'object', got {v.get('type')!r}")
+        return v
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """``{"type": "function", "function": {"name": ...}}``: this function must be called."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 # transformers' apply_chat_template parameters (5.x), which chat_template_kwargs must not set
@@ -303,10 +365,15 @@ class ChatCompletionRequest(_SamplingFields):
     """OpenAI's newer name for ``max_tokens``; wins when both are given."""
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    """Functions the model may call; they go to the chat template (``tools=``)."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """None: ``auto`` when there are tools (OpenAI's default), else ``none``."""
     parallel_tool_calls: bool | None = None
-    reasoning_effort: str | None = None
+    """False: at most one call (``required``: the schema allows one; ``auto``: the first)."""
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    """Passed to the chat template as the variable ``reasoning_effort`` (as vLLM does);
+    refused when the template does not read it."""
     echo: bool = False
     """vLLM's: the reply starts with the last message's content when that is the assistant's
     (the message the reply continues)."""
@@ -332,14 +399,6 @@ class ChatCompletionRequest(_SamplingFields):
         base = super().unsupported()
         if base:
             return base
-        if self.tools:
-            return "tools", "'tools' (function calling) is not supported by this server."
-        if self.tool_choice is not None and self.tool_choice != "none":
-            return "tool_choice", "'tool_choice' (function calling) is not supported by this server; send 'none' or omit it."
-        if self.parallel_tool_calls is not None:
-            return "parallel_tool_calls", "'parallel_tool_calls' (function calling) is not supported by this server."
-        if self.reasoning_effort is not None:
-            return "reasoning_effort", "'reasoning_effort' is not supported by this server."
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "'top_logprobs' requires 'logprobs' to be true."
         return None
@@ -435,10 +494,27 @@ class ChatChoiceLogprobs(BaseModel):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """JSON text of the arguments."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning: str | None = None
+    """The thinking, with ``--reasoning-parser`` (vLLM's field)."""
+    reasoning_content: str | None = None
+    """The same, under the name vLLM used first (deprecated there, still sent)."""
 
 
 class ChatChoice(BaseModel):

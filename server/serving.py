@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -34,6 +35,7 @@ from batchmax.engine.default_model import resolve_model
 from batchmax.engine.outputs import RequestOutput
 from batchmax.engine.request import TokenLogprob
 from batchmax.engine.sampling import SamplingParams, StructuredOutputsParams
+from batchmax.server.chat_output import ChatOutputParser
 from batchmax.server.metrics import RequestTracker
 from batchmax.server.protocol import (
     APIError,
@@ -53,9 +55,12 @@ from batchmax.server.protocol import (
     bad_request,
     validation_error_to_api,
 )
+from batchmax.server.reasoning_parsers import ReasoningParser, get_reasoning_parser
 from batchmax.server.structured import request_constraint
 from batchmax.server.tokenizing import TokenizerPool, bytes_per_token_bound, utf8_len
 from batchmax.server.tokenizing import bytes_to_unicode as _bytes_to_unicode
+from batchmax.server.tool_calling import ToolPlan, plan_tools, template_messages_tool_calls
+from batchmax.server.tool_parsers import ToolParser, detect_tool_parser, get_tool_parser
 
 if TYPE_CHECKING:
     from batchmax.server.context import ServerContext
@@ -63,7 +68,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("batchmax.server")
 
 DONE = "data: [DONE]\n\n"
-CHAT_ROLES = ("system", "user", "assistant", "developer")  # OpenAI's, less "tool" (no function calling) and "function" (deprecated)
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")  # OpenAI's, less "function" (deprecated)
 MIN_LOGPROB = -9999.0  # what OpenAI sends for -inf (JSON has no infinity)
 
 
@@ -294,6 +299,21 @@ class OpenAIServing:
         self.max_prompt_bytes = ctx.max_model_len * bound if bound else None
         self.sampling_defaults = self._sampling_defaults()
         """What the model's generation_config.json sets (``--generation-config auto``)."""
+        self.tool_parser = self._tool_parser()
+        """The family parser for ``tool_choice: auto`` (None: auto is refused)."""
+        name = ctx.settings.reasoning_parser
+        self.reasoning_parser: type[ReasoningParser] | None = get_reasoning_parser(name) if name else None
+
+    def _tool_parser(self) -> type[ToolParser] | None:
+        name = self.ctx.settings.tool_call_parser
+        if name is not None:
+            return get_tool_parser(name)
+        template = getattr(self.ctx.tokenizer, "chat_template", None)
+        detected = detect_tool_parser(template if isinstance(template, str) else None)
+        if detected is not None:
+            logger.info("tool call parser %r (detected from the chat template; --tool-call-parser overrides it)", detected)
+            return get_tool_parser(detected)
+        return None
 
     async def off_loop(self, fn: Callable, *args, chars: int = 0, **kwargs) -> Any:
         """``fn(tokenizer, *args, **kwargs)`` in a tokenizer thread, with a tokenizer copy of
@@ -454,7 +474,7 @@ class OpenAIServing:
                 # the grammar did not compile: name the field the client sent it in
                 # (structured_outputs.json, response_format.json_schema.schema, ...)
                 src, _ = constraint
-                err.param = src if src.startswith("response_format") else msg.split(":", 1)[0].split(" ", 1)[0]
+                err.param = src if src.startswith(("response_format", "tools")) else msg.split(":", 1)[0].split(" ", 1)[0]
             raise err from None
         except EngineDeadError:
             raise APIError(503, "The engine is not running.", "server_error", code="engine_unavailable") from None
@@ -678,16 +698,21 @@ class OpenAIServing:
         return JSONResponse(resp.model_dump(exclude=None if plp is not None else {"choices": {"__all__": {"prompt_logprobs"}}}))
 
     # ---------------------------------------------------------------- chat
-    def chat_prompt(self, tok, messages: list[dict], body) -> list[int]:
+    def chat_prompt(self, tok, messages: list[dict], body, tools: list[dict] | None = None) -> list[int]:
         if not getattr(tok, "chat_template", None):
             raise bad_request("This model has no chat template; use /v1/completions.", param="messages", code="unsupported_value")
         cont = getattr(body, "continue_final_message", False)
+        extra = dict(getattr(body, "chat_template_kwargs", None) or {})
+        effort = getattr(body, "reasoning_effort", None)
+        if effort is not None:
+            extra["reasoning_effort"] = effort  # a template variable, as vLLM passes it
         try:
             text = tok.apply_chat_template(
                 messages, tokenize=False,
                 add_generation_prompt=getattr(body, "add_generation_prompt", True) and not cont,
                 **({"continue_final_message": True} if cont else {}),
-                **(getattr(body, "chat_template_kwargs", None) or {}),
+                **({"tools": tools} if tools else {}),
+                **extra,
             )
         except Exception as exc:  # jinja errors: the messages do not fit the template
             raise bad_request(f"The messages could not be formatted with the chat template: {exc}", param="messages",
@@ -695,23 +720,21 @@ class OpenAIServing:
         # the template already holds the special tokens
         return tok.encode(text, add_special_tokens=False)
 
-    async def chat_tokens(self, messages: list[dict], body) -> list[int]:
+    async def chat_tokens(self, messages: list[dict], body, tools: list[dict] | None = None) -> list[int]:
         """The chat prompt's token ids, tokenized off the loop; refused at once (400) when
         the messages' text alone cannot fit the context."""
         self.tokenizer("messages")  # 400 without one
         contents = [m["content"] for m in messages]
+        contents += [json.dumps(m["tool_calls"], ensure_ascii=False) for m in messages if m.get("tool_calls")]
         # templates may trim the content (``| trim``): only what is left counts
         self._bytes_check(contents, "messages", strip=True)
-        return await self.off_loop(self.chat_prompt, messages, body, chars=sum(map(len, contents)))
+        chars = sum(map(len, contents)) + (len(json.dumps(tools)) if tools else 0)
+        return await self.off_loop(self.chat_prompt, messages, body, tools, chars=chars)
 
     @staticmethod
     def chat_messages(body) -> list[dict]:
         out = []
         for i, m in enumerate(body.messages):
-            # function calling in the history: refused, since dropping it would change the prompt
-            if m.role == "tool":
-                raise bad_request("Messages of role 'tool' (function calling) are not supported by this server.",
-                                  param=f"messages.{i}.role", code="unsupported_parameter")
             for name in m.REFUSED:
                 if getattr(m, name) not in (None, []):
                     raise bad_request(f"'{name}' in messages is not supported by this server.",
@@ -721,20 +744,81 @@ class OpenAIServing:
                     f"Invalid value: {m.role!r}. Supported values are: {', '.join(repr(r) for r in CHAT_ROLES)}.",
                     param=f"messages.{i}.role", code="invalid_value",
                 )
+            # a tool's answer names the call it answers; only assistants make calls
+            if m.role == "tool" and not m.tool_call_id:
+                raise bad_request("Messages with role 'tool' must have a 'tool_call_id'.",
+                                  param=f"messages.{i}.tool_call_id", code="missing_required_parameter")
+            if m.role != "tool" and m.tool_call_id is not None:
+                raise bad_request("'tool_call_id' is only allowed in messages with role 'tool'.",
+                                  param=f"messages.{i}.tool_call_id", code="invalid_value")
+            if m.tool_calls and m.role != "assistant":
+                raise bad_request("'tool_calls' is only allowed in messages with role 'assistant'.",
+                                  param=f"messages.{i}.tool_calls", code="invalid_value")
             try:
                 msg = {"role": m.role, "content": m.text()}
             except ValueError as exc:
                 raise bad_request(str(exc), param=f"messages.{i}.content", code="invalid_value") from None
             if m.name:
                 msg["name"] = m.name
+            if m.tool_calls:
+                msg["tool_calls"] = template_messages_tool_calls(m.tool_calls, f"messages.{i}.tool_calls")
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
             out.append(msg)
         return out
+
+    def _tool_plan(self, body: ChatCompletionRequest, constraint: tuple[str, StructuredOutputsParams] | None) -> ToolPlan:
+        s = self.ctx.settings
+        plan = plan_tools(body, self.tool_parser, s.enable_auto_tool_choice, s.exclude_tools_when_tool_choice_none)
+        if plan.constrained and constraint is not None:
+            field = constraint[0].split(".", 1)[0]
+            raise bad_request(f"'{field}' cannot be combined with tool_choice 'required' or a named function "
+                              "(both constrain the output).", param=field, code="invalid_value")
+        return plan
+
+    def _reasoning_enabled(self, body: ChatCompletionRequest, plan: ToolPlan) -> bool:
+        """Whether this request's output is parsed for thinking. Not when the engine constrains
+        it to the calls' JSON (there is no thinking in it to take out), nor for a parser that
+        honours ``enable_thinking: false`` when the request sends that."""
+        cls = self.reasoning_parser
+        if cls is None or plan.constrained:
+            return False
+        kwargs = body.chat_template_kwargs or {}
+        return not (cls.honours_enable_thinking and kwargs.get("enable_thinking") is False)
+
+    def _check_reasoning_effort(self, body: ChatCompletionRequest) -> None:
+        if body.reasoning_effort is None:
+            return
+        template = getattr(self.ctx.tokenizer, "chat_template", None)
+        if not (isinstance(template, str) and "reasoning_effort" in template):
+            raise bad_request("'reasoning_effort' is passed to the chat template, and this model's template does not "
+                              "read it.", param="reasoning_effort", code="unsupported_parameter")
+
+    def _output_parser(self, plan: ToolPlan, reasoning: bool) -> ChatOutputParser | None:
+        if plan.parser is None and not reasoning:
+            return None
+        return ChatOutputParser(self.reasoning_parser() if reasoning else None,
+                                plan.parser() if plan.parser is not None else None, plan.max_calls)
+
+    @staticmethod
+    def _finish_reason(plan: ToolPlan, message: dict, engine_reason: str | None) -> str | None:
+        """OpenAI's: ``tool_calls`` when the model chose to call (auto, required) and stopped by
+        itself; a named function's call ends with ``stop``, as on OpenAI and vLLM; ``length``
+        stays ``length`` (the calls may be cut short)."""
+        if plan.mode in ("auto", "required") and message.get("tool_calls") and engine_reason == "stop":
+            return "tool_calls"
+        return engine_reason
 
     async def create_chat_completion(self, body: ChatCompletionRequest, request: Request) -> Response:
         start = time.monotonic()
         constraint = self._check_common(body)
+        plan = self._tool_plan(body, constraint)
+        if plan.constrained:  # the calls' schema is the constraint (a grammar error names 'tools')
+            constraint = ("tools", plan.structured)
+        self._check_reasoning_effort(body)
+        reasoning = self._reasoning_enabled(body, plan)
         messages = self.chat_messages(body)
-        prompt_ids = await self.chat_tokens(messages, body)
+        prompt_ids = await self.chat_tokens(messages, body, plan.template_tools)
         if not prompt_ids:
             raise bad_request("The messages are empty.", param="messages", code="invalid_value")
         max_tokens = body.max_new_tokens
@@ -748,12 +832,15 @@ class OpenAIServing:
         request_id = self.response_id("chatcmpl", request)
         choices = self._choices(f"chatcmpl-{uuid.uuid4().hex}", 1, body.n, start)
         so = constraint[1] if constraint else None
-        subs = [(c.request_id, prompt_ids, self._params(body, max_tokens, c.index, top, plp, "messages", so)) for c in choices]
+        subs = [(c.request_id, prompt_ids, self._tool_params(self._params(body, max_tokens, c.index, top, plp, "messages", so), plan))
+                for c in choices]
         stream = await self._submit(subs, "messages", request, constraint)
         created = int(time.time())
         # vLLM's echo: the reply begins with the message it continues
         last = body.messages[-1]
         echoed = last.text() if body.echo and last.role == "assistant" else ""
+        # per choice: reasoning and tool calls parsed out of the text (None: the text is content)
+        parsers = {c.index: self._output_parser(plan, reasoning) for c in choices}
 
         def usage_info() -> UsageInfo:
             completion = sum(len(c.last.token_ids) for c in choices if c.last is not None)
@@ -788,10 +875,20 @@ class OpenAIServing:
                 if top is not None and len(out.logprobs) > ch.sent_tokens:
                     lp = {"content": [self._chat_lp(e, top).model_dump() for e in out.logprobs[ch.sent_tokens:]], "refusal": None}
                     ch.sent_tokens = len(out.logprobs)
-                if text or lp:
-                    events.append(chunk(ch.index, {"content": text}, lp, out=out))
+                parser = parsers[ch.index]
+                if parser is None:
+                    deltas = [{"content": text}] if text else []
+                else:
+                    deltas = parser.feed(text) if text else []
+                    if out.finished:
+                        deltas += parser.finish()
+                if lp and not deltas:  # text held back by a parser: its tokens' logprobs still go out
+                    deltas = [{}]
+                for k, delta in enumerate(deltas):
+                    events.append(chunk(ch.index, delta, lp if k == 0 else None, out=out))
                 if out.finished:
-                    events.append(chunk(ch.index, {}, None, out.finish_reason, out=out))
+                    reason = out.finish_reason if parser is None else self._finish_reason(plan, parser.message(), out.finish_reason)
+                    events.append(chunk(ch.index, {}, None, reason, out=out))
                 return events
 
             def usage() -> str | None:
@@ -813,17 +910,39 @@ class OpenAIServing:
             id=request_id, created=created, model=self.model_name,
             prompt_logprobs=None if plp is None else self.prompt_logprobs(choices[0].final, prompt_ids, plp),
             choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=ChatResponseMessage(content=echoed + c.final.text),
-                    logprobs=ChatChoiceLogprobs(content=[self._chat_lp(e, top) for e in c.final.logprobs]) if top is not None else None,
-                    finish_reason=c.final.finish_reason,
-                )
+                self._chat_choice(c, parsers[c.index], plan, echoed, top)
                 for c in choices
             ],
             usage=usage_info(),
         )
         return JSONResponse(resp.model_dump(exclude=None if plp is not None else {"prompt_logprobs"}))
+
+    def _chat_choice(self, c: _Choice, parser: ChatOutputParser | None, plan: ToolPlan, echoed: str, top: int | None) -> ChatChoice:
+        if parser is None:
+            message, reason = ChatResponseMessage(content=echoed + c.final.text), c.final.finish_reason
+        else:
+            parser.feed(c.final.text)
+            parser.finish()
+            fields = parser.message()
+            if echoed:
+                fields["content"] = echoed + (fields["content"] or "")
+            message, reason = ChatResponseMessage(**fields), self._finish_reason(plan, fields, c.final.finish_reason)
+        return ChatChoice(
+            index=c.index, message=message, finish_reason=reason,
+            logprobs=ChatChoiceLogprobs(content=[self._chat_lp(e, top) for e in c.final.logprobs]) if top is not None else None,
+        )
+
+    @staticmethod
+    def _tool_params(params: SamplingParams, plan: ToolPlan) -> SamplingParams:
+        """The engine request's parameters as the tool plan needs them: the constraint of
+        required / named calls, and special tokens kept where the family's call marker is
+        one (Mistral's ``[TOOL_CALLS]``)."""
+        changes: dict[str, Any] = {}
+        if plan.structured is not None:
+            changes["structured_outputs"] = plan.structured
+        if plan.keep_special_tokens and params.skip_special_tokens:
+            changes["skip_special_tokens"] = False
+        return dataclasses.replace(params, **changes) if changes else params
 
     def _chat_lp(self, e: TokenLogprob, top: int) -> ChatTokenLogprob:
         ts = self.tokens

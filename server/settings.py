@@ -74,6 +74,20 @@ class ServerSettings:
     """One line per request on the ``batchmax.access`` logger (``middleware.py``)."""
     log_stats_interval: float = 10.0
     """Seconds between the engine's periodic stats lines (``stats_log.py``); 0: none."""
+    tool_call_parser: str | None = None
+    """The model family's tool-call syntax (``server/tool_parsers``: hermes, llama3_json,
+    mistral); None: detected from the chat template's call markers."""
+    enable_auto_tool_choice: bool = True
+    """``tool_choice: auto`` (the default with tools) parses calls out of the output. vLLM
+    needs ``--enable-auto-tool-choice`` for it; here it is on whenever a parser is known (the
+    flag is accepted for vLLM's command lines), and ``--no-enable-auto-tool-choice`` turns it
+    off (auto is then a 400, as on vLLM without the flag)."""
+    exclude_tools_when_tool_choice_none: bool = False
+    """vLLM's flag: with ``tool_choice: none`` the tools are left out of the prompt (by default
+    they go in, and the output is not parsed)."""
+    reasoning_parser: str | None = None
+    """``qwen3`` or ``deepseek_r1`` (``server/reasoning_parsers``): the thinking goes to
+    ``reasoning`` / ``reasoning_content``; None: the output is all content."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -100,5 +114,13 @@ class ServerSettings:
             raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
         if self.max_header_bytes < 1024:
             raise ValueError(f"max_header_bytes must be at least 1024, got {self.max_header_bytes}")
+        if self.tool_call_parser is not None:
+            from batchmax.server.tool_parsers import get_tool_parser
+
+            get_tool_parser(self.tool_call_parser)
+        if self.reasoning_parser is not None:
+            from batchmax.server.reasoning_parsers import get_reasoning_parser
+
+            get_reasoning_parser(self.reasoning_parser)
         if self.log_stats_interval < 0:
             raise ValueError(f"log_stats_interval must be >= 0, got {self.log_stats_interval}")

@@ -86,3 +86,40 @@ class FakeEngine:
             num_running=len(self.running), kv_usage=len(self.running) / 100,
             prompt_tokens_total=self.prompt_total, generation_tokens_total=self.gen_total,
         )
+
+
+class ScriptedEngine(FakeEngine):
+    """FakeEngine whose requests generate a given text (the tokens of ``script(prompt_text,
+    params)``, one per step), then stop as a model that emits EOS does (``finish_reason``
+    ``stop``); ``max_tokens`` still cuts them short. Keeps what each request was added with."""
+
+    def __init__(self, tokenizer, script) -> None:
+        super().__init__(tokenizer)
+        self.script = script
+        self.added: list[tuple[list[int], SamplingParams]] = []
+        self._planned: dict[str, list[int]] = {}
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
+        super().add_request(request_id, prompt, params)
+        self.added.append((list(prompt), params))
+        text = self.script(self.tokenizer.decode(list(prompt)), params)
+        self._planned[request_id] = self.tokenizer.encode(text, add_special_tokens=False)
+
+    def step(self) -> list[RequestOutput]:
+        time.sleep(self.step_delay)
+        outs = []
+        for r in list(self.running.values()):
+            plan = self._planned[r.rid]
+            if len(r.tokens) < len(plan):
+                r.tokens.append(plan[len(r.tokens)])
+                self.gen_total += 1
+            if len(r.tokens) >= len(plan):
+                r.finish_reason = "stop"
+            elif len(r.tokens) >= r.params.max_tokens:
+                r.finish_reason = "length"
+            if r.finish_reason:
+                del self.running[r.rid]
+            outs.append(self._out(r))
+        outs += [self._out(r) for r in self.unreported]
+        self.unreported = []
+        return outs

@@ -22,6 +22,7 @@ BASE = {
     COMPLETIONS: {"prompt": "hello there", "max_tokens": 3},
     CHAT: {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
 }
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]
 HI_SURE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure,"}]
 
 # How a field shows: what the engine is asked ("params": its SamplingParams, "prompt": its
@@ -98,10 +99,13 @@ CASES = {
         "max_completion_tokens": [("params", {"max_completion_tokens": 4}, {})],
         "logprobs": [("params", {"logprobs": True}, {})],
         "top_logprobs": [("params", {"top_logprobs": 2}, {"logprobs": True})],
-        "tools": [("refused", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, {})],
-        "tool_choice": [("refused", {"tool_choice": "auto"}, {})],
-        "parallel_tool_calls": [("refused", {"parallel_tool_calls": False}, {})],
-        "reasoning_effort": [("refused", {"reasoning_effort": "low"}, {})],
+        # the fixture's chat template renders tools and reads reasoning_effort; it has no call
+        # markers, so there is no parser for auto (tool_choice none keeps the baseline a 200)
+        "tools": [("prompt", {"tools": TOOLS}, {"tool_choice": "none"})],
+        "tool_choice": [("params", {"tool_choice": "required"}, {"tools": TOOLS, "tool_choice": "none"}),
+                        ("params", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, {"tools": TOOLS, "tool_choice": "none"})],
+        "parallel_tool_calls": [("params", {"parallel_tool_calls": False}, {"tools": TOOLS, "tool_choice": "required"})],
+        "reasoning_effort": [("prompt", {"reasoning_effort": "low"}, {})],
         "echo": [("response", {"echo": True}, {"messages": HI_SURE})],
         "add_generation_prompt": [("prompt", {"add_generation_prompt": False}, {})],
         "continue_final_message": [("prompt", {"continue_final_message": True}, {"messages": HI_SURE})],
@@ -130,7 +134,8 @@ def _tokenizer(tiny_llama):
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    tok.chat_template = tok.chat_template + "{% if greeting %}{{ greeting }}{% endif %}"
+    tok.chat_template = tok.chat_template + ("{% if greeting %}{{ greeting }}{% endif %}{% if tools %}{{ tools | tojson }}{% endif %}"
+                                             "{% if reasoning_effort %}{{ reasoning_effort }}{% endif %}")
     return tok
 
 
@@ -241,12 +246,9 @@ def test_an_earlier_reply_echoed_with_its_fields_unset_is_accepted(fake):
 
 
 def test_what_a_message_cannot_carry_is_refused(fake):
+    """(Calls and tool answers in the history are rendered: tests/server/test_tool_calls_http.py.)"""
     srv, engine = fake
-    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     for msg, param in [
-        ({"role": "assistant", "content": None, "tool_calls": [call]}, "messages.1.tool_calls"),
-        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages.1.role"),
-        ({"role": "user", "content": "x", "tool_call_id": "c1"}, "messages.1.tool_call_id"),
         ({"role": "assistant", "content": "x", "function_call": {"name": "f", "arguments": "{}"}}, "messages.1.function_call"),
         ({"role": "assistant", "content": None, "refusal": "I cannot."}, "messages.1.refusal"),
         ({"role": "assistant", "content": "x", "audio": {"id": "a1"}}, "messages.1.audio"),

@@ -233,8 +233,8 @@ def test_openapi_is_open_without_an_api_key(server):
 
 
 def test_chat_roles(server, model_id):
-    """OpenAI's roles are accepted (the template renders them), but for function calling's
-    'tool' (refused, like tool_calls in the history); any other is a 400 naming it."""
+    """OpenAI's roles are accepted (the template renders them), 'tool' too (with the call id it
+    answers; tests/server/test_tool_calls_http.py); any other is a 400 naming it."""
     msgs = [{"role": r, "content": f"as {r}"} for r in ("developer", "system", "user", "assistant", "user")]
     r = post(server, "/tokenize", {"messages": msgs})
     assert r.status_code == 200 and r.json()["count"] > 0
@@ -242,13 +242,14 @@ def test_chat_roles(server, model_id):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     err = assert_error(post(server, "/v1/chat/completions", {"messages": [*msgs, {"role": "robot", "content": "x"}]}), 400,
                        param="messages.5.role", code="invalid_value")
-    assert err["message"] == "Invalid value: 'robot'. Supported values are: 'system', 'user', 'assistant', 'developer'."
-    for path in ("/v1/chat/completions", "/tokenize"):
-        assert_error(post(server, path, {"messages": [*msgs, {"role": "tool", "content": "42", "tool_call_id": "c1"}]}), 400,
-                     param="messages.5.role", code="unsupported_parameter")
+    assert err["message"] == "Invalid value: 'robot'. Supported values are: 'system', 'user', 'assistant', 'developer', 'tool'."
     call = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
-    assert_error(post(server, "/v1/chat/completions", {"messages": [*msgs, call]}), 400, param="messages.5.tool_calls",
-                 code="unsupported_parameter")
+    answer = {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    for path in ("/v1/chat/completions", "/tokenize"):
+        r = post(server, path, {"messages": [*msgs, call, answer], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert_error(post(server, path, {"messages": [*msgs, {"role": "tool", "content": "42"}]}), 400,
+                     param="messages.5.tool_call_id", code="missing_required_parameter")
 
 
 def test_health_version_models(server, model_id):
