@@ -47,6 +47,12 @@ def test_wheel_has_one_top_level_name(wheel):
                 "batchmax/server/cli.py", "batchmax/policies/snapkv.py"):
         assert mod in names
     assert not any(n.startswith(("batchmax/bench", "batchmax/tests")) for n in names)
+    # every module of the product's folders is in the wheel: a subpackage missing from
+    # pyproject's ``packages`` would import in the checkout and fail once installed
+    for folder, pkg in (("engine", "batchmax/engine"), ("server", "batchmax/server"), ("policies", "batchmax/policies")):
+        for src in (REPO / folder).rglob("*.py"):
+            if "__pycache__" not in src.parts:
+                assert f"{pkg}/{src.relative_to(REPO / folder).as_posix()}" in names, f"{src} is not in the wheel"
 
 
 @pytest.mark.slow
