@@ -71,9 +71,7 @@ class RequiredCallsParser(ToolParser):
                     self.closed = True
                     break
                 self.scan = JsonEnd()
-                n = self.scan.feed(self.buf)
-            else:
-                n = self.scan.feed(self.buf[self.scan.seen:])
+            n = self.scan.over(self.buf)
             if n is None:
                 return out
             try:

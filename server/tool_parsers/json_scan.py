@@ -44,3 +44,8 @@ class JsonEnd:
                     return self.end
         self.seen += len(text)
         return None
+
+    def over(self, buf: str) -> int | None:
+        """``feed`` for parsers that keep the whole text of the value so far in one buffer:
+        only what this scan has not seen of ``buf`` is scanned."""
+        return self.feed(buf[self.seen :])

@@ -65,9 +65,7 @@ class Llama3JsonToolParser(ToolParser):
                 self.head += self.buf[: len(self.buf) - len(s)] if not self.calls else ""
                 self.buf = s
                 self.scan = JsonEnd()
-                n = self.scan.feed(self.buf)
-            else:
-                n = self.scan.feed(self.buf[self.scan.seen:])
+            n = self.scan.over(self.buf)
             if n is None:
                 return out
             call = self._call(self.buf[:n])

@@ -67,7 +67,7 @@ class MistralToolParser(ToolParser):
             self.scan = JsonEnd() if s[0] == "[" else None
             return True
         if self.state == "array":
-            n = self.scan.feed(self.buf[self.scan.seen:])
+            n = self.scan.over(self.buf)
             if n is None:
                 return False
             raw, self.buf = self.buf[:n], self.buf[n:]
@@ -100,9 +100,7 @@ class MistralToolParser(ToolParser):
                 return False
             self.buf = s
             self.scan = JsonEnd()
-            n = self.scan.feed(self.buf)
-        else:
-            n = self.scan.feed(self.buf[self.scan.seen:])
+        n = self.scan.over(self.buf)
         if n is None:
             return False
         raw, self.buf = self.buf[:n], self.buf[n:]
