@@ -1,6 +1,7 @@
 """Shared test utilities: transformers' own generate as the reference."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import random
 
@@ -64,3 +65,18 @@ class PeakRecorder:
             return orig(self_, layer_idx, q, k, v)
 
         monkeypatch.setattr(PoolAttention, "attend", attend)
+
+
+def stream_all(engine, prompts: list, params: list, prefix: str) -> list:
+    """Every prompt through a streaming engine (``AsyncEngine``, ``EngineCoreClient``) at once,
+    request ids ``prefix0``, ``prefix1``, ...; the last output of each."""
+    async def one(i):
+        last = None
+        async for out in engine.generate(prompts[i], params[i], request_id=f"{prefix}{i}"):
+            last = out
+        return last
+
+    async def run():
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    return asyncio.run(run())

@@ -16,7 +16,7 @@ import pytest
 
 from batchmax.engine import LLM, SamplingParams
 from batchmax.engine.sampling import StructuredOutputsParams as SO
-from tests.helpers import random_prompts
+from tests.helpers import random_prompts, stream_all
 from tests.tiny_models import build_tiny_model
 
 KW = dict(device="cpu", num_tokens=16384, chunk_size=32, max_num_batched_tokens=256, max_num_seqs=64)
@@ -293,16 +293,7 @@ def test_engine_core_process_matches_in_process(tiny_llama, tiny):
     ref = tiny.generate(prompts, params)
     core = EngineCoreClient(EngineConfig.from_kwargs(model=str(tiny_llama), async_scheduling=False, **KW))
     try:
-        async def run():
-            async def one(i):
-                last = None
-                async for out in core.generate(prompts[i], params[i], request_id=f"so{i}"):
-                    last = out
-                return last
-
-            return await asyncio.gather(*(one(i) for i in range(len(prompts))))
-
-        got = asyncio.run(run())
+        got = stream_all(core, prompts, params, "so")
 
         async def bad():
             with pytest.raises(ValueError, match="invalid regex"):

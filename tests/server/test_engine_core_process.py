@@ -18,6 +18,7 @@ from batchmax import LLM
 from batchmax.engine import EngineConfig, SamplingParams
 from batchmax.engine.async_engine import EngineDeadError
 from batchmax.engine.core_client import EngineCoreClient
+from tests.helpers import stream_all
 from tests.server.conftest import start_server
 
 
@@ -47,16 +48,7 @@ def test_deltas_rebuild_the_in_process_outputs(core, tiny_llama):
     ]
     ref = llm.generate(prompts, params)
 
-    async def run():
-        async def one(i):
-            last = None
-            async for out in core.generate(prompts[i], params[i], request_id=f"d{i}"):
-                last = out
-            return last
-
-        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
-
-    got = asyncio.run(run())
+    got = stream_all(core, prompts, params, "d")
     for i, (a, b) in enumerate(zip(ref, got)):
         assert _fields(a) == _fields(b), f"request {i}"
     assert got[3].finish_reason == "stop" and got[3].stop_reason == needle and needle not in got[3].text
