@@ -48,6 +48,11 @@ class FaultConfig:
     """Tensor parallel: with ``debug_fail_step_token``, that step makes only this rank's
     process exit (a rank that dies mid-serving) instead of every rank raising. ``None``: off."""
 
+    debug_tp_check_state: bool = False
+    """Tensor parallel: after every step the ranks also compare a digest of their scheduler
+    and pool state (running and waiting requests, held lengths, block tables, output
+    tokens); a difference is a ``TPError``. Costs a pass over the batch per step: tests only."""
+
     def __post_init__(self) -> None:
         if self.debug_fail_step_token is not None and self.debug_fail_step_token < 0:
             raise ValueError(f"debug_fail_step_token must be a token id (>= 0), got {self.debug_fail_step_token}")

@@ -296,12 +296,28 @@ class LLMEngine:
             code, err = 1, exc
         except Exception as exc:  # noqa: BLE001 - compared across ranks first
             code, err = 2, exc
-        codes = self.runner.tp.agree(code)
+        digest = self._state_digest() if self.config.faults.debug_tp_check_state else 0
+        got = self.runner.tp.agree(code, digest)
+        codes = [c for c, _ in got]
         if len(set(codes)) > 1:
             raise TPError(f"tensor-parallel ranks disagree about a step (status per rank {codes}; 0 ok, 1 step error, 2 other error, 3 diverged)")
+        if len({d for _, d in got}) > 1:
+            raise TPError("tensor-parallel ranks hold different scheduler or pool state after a step")
         if err is not None:
             raise err
         return outs
+
+    def _state_digest(self) -> int:
+        """A hash of what every rank must agree on (``FaultConfig.debug_tp_check_state``)."""
+        import hashlib
+
+        sch = self.scheduler
+        parts = [
+            [r.request_id for r in sch.running], [r.request_id for r in sch.waiting],
+            sorted((rid, s.blocks, s.lens, s.seen) for rid, s in self.cache.seqs.items()),
+            sorted((rid, r.output_token_ids, r.num_computed_tokens) for rid, r in self.requests.items()),
+        ]
+        return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=7).digest(), "little")
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave the process group (no-op otherwise)."""

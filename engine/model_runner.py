@@ -57,7 +57,8 @@ class ModelRunner:
         s = self.spec
         self.shard = None if tp is None else Shard.of(tp.rank, tp.size, s.num_heads, s.num_kv_heads, s.intermediate_size, s.vocab_size)
         # what this process holds: every head, or its rank's share
-        self.local_heads = s.num_heads if self.shard is None else self.shard.num_heads
+        # query heads eviction sees (with replicated KV heads, the whole group of this rank's KV head)
+        self.local_heads = s.num_heads if self.shard is None else self.shard.proj_heads
         self.local_kv_heads = s.num_kv_heads if self.shard is None else self.shard.num_kv_heads
         inv_freq, scale = rope_inv_freq(self.hf_config, self.spec.head_dim)
         backend = config.attention_backend
@@ -110,7 +111,7 @@ class ModelRunner:
             avail = min(int(free * cc.memory_fraction), _CPU_POOL_CAP)
         tokens = min(avail // per_token, max_useful_tokens)
         if self.tp is not None:  # every rank's scheduler must see the same pool: the smallest
-            tokens = min(self.tp.agree(tokens))
+            tokens = min(v[0] for v in self.tp.agree(tokens))
         if tokens < cc.block_size:
             raise RuntimeError(f"no memory left for the KV pool ({avail / 2**20:.0f} MiB available)")
         return tokens
@@ -127,7 +128,7 @@ class ModelRunner:
         if tokens is None:
             tokens = min(gpu_pool_tokens, _available_ram() // 4 // (self.kv_bytes_per_token() + 4 * s.num_layers * self.local_kv_heads))
             if self.tp is not None:  # ranks on one host share its RAM; all must agree on the size
-                tokens = min(self.tp.agree(tokens)) // self.tp.size
+                tokens = min(v[0] for v in self.tp.agree(tokens)) // self.tp.size
         store = HostKVStore(s.num_layers, self.local_kv_heads, s.head_dim, tokens, self.dtype, self.device, self.config.cache.recall_stage_tokens)
         log.info("recall host store: %d tokens per layer (%.2f GiB, pinned=%s)", store.capacity_tokens, store.capacity_tokens * self.kv_bytes_per_token() / 2**30, store.pin_memory)
         return store

@@ -48,6 +48,11 @@ class Shard:
     vocab_start: int
     vocab_size: int  # this rank's slice of the (padded) vocabulary
     vocab_total: int  # the model's vocabulary
+    proj_head_start: int  # first query head this rank projects (global index)
+    proj_heads: int  # query heads this rank projects: its own, or with replicated KV heads
+    # every head of its KV head's group (eviction scores a KV head from all of its queries,
+    # as with one rank); attention uses ``num_heads`` of them from ``attn_head_offset``
+    attn_head_offset: int
 
     @staticmethod
     def of(rank: int, size: int, num_heads: int, num_kv_heads: int, intermediate: int, vocab: int) -> "Shard":
@@ -66,10 +71,21 @@ class Shard:
         hq = num_heads // size
         vslice = -(-vocab // size)
         vstart = min(rank * vslice, vocab)
+        if size <= num_kv_heads:
+            proj_start, proj, offset = rank * hq, hq, 0
+        else:
+            group = num_heads // num_kv_heads
+            proj_start, proj = kv_start * group, group
+            offset = rank * hq - proj_start
         return Shard(
             rank, size, hq, kv, rank * hq, kv_start, rank * (intermediate // size), intermediate // size,
-            vstart, vslice, vocab,
+            vstart, vslice, vocab, proj_start, proj, offset,
         )
+
+    @property
+    def replicated(self) -> bool:
+        """More ranks than KV heads: this rank's KV head is also held by others."""
+        return self.proj_heads != self.num_heads
 
     @property
     def vocab_valid(self) -> int:
@@ -118,15 +134,15 @@ class TPGroup:
             raise TPError(f"tensor-parallel broadcast failed (a rank died or timed out): {exc}") from exc
         return x
 
-    def agree(self, code: int) -> list[int]:
-        """Every rank's ``code`` (host ints over the CPU group), rank order."""
-        t = torch.tensor([code], dtype=torch.int64)
+    def agree(self, *values: int) -> list[tuple[int, ...]]:
+        """Every rank's ``values`` (host ints over the CPU group), rank order."""
+        t = torch.tensor(values, dtype=torch.int64)
         parts = [torch.empty_like(t) for _ in range(self.size)]
         try:
             dist.all_gather(parts, t, group=self.cpu_group)
         except RuntimeError as exc:
             raise TPError(f"tensor-parallel status exchange failed (a rank died or timed out): {exc}") from exc
-        return [int(p) for p in parts]
+        return [tuple(int(x) for x in p) for p in parts]
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -114,8 +114,9 @@ class Rotary(nn.Module):
 class AttentionContext(Protocol):
     """What a layer needs from the step: attention over the request's cache plus new tokens."""
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (N, H_q, D), k and v (N, H_kv, D), post-RoPE -> (N, H_q, D)."""
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_score: torch.Tensor | None = None) -> torch.Tensor:
+        """q (N, H_q, D), k and v (N, H_kv, D), post-RoPE -> (N, H_q, D). ``q_score``: the
+        queries eviction scores with, when they are not ``q`` (tensor parallel, replicated KV heads)."""
         ...
 
 
@@ -126,12 +127,15 @@ class Attention(nn.Module):
         self.fused = fused
         self.tp = tp
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.proj_heads, self.attn_offset = self.num_heads, 0
         if shard is not None:  # column-parallel q/k/v: this rank's heads; row-parallel o_proj
             self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
+            self.proj_heads, self.attn_offset = shard.proj_heads, shard.attn_head_offset
         self.q_size = self.num_heads * spec.head_dim
+        self.proj_q_size = self.proj_heads * spec.head_dim
         self.kv_size = self.num_kv_heads * spec.head_dim
         # fused q/k/v projection: one matmul instead of three
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.proj_q_size + 2 * self.kv_size, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, fused)
@@ -141,15 +145,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.proj_q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.proj_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # fused: in place on the projection's output (q and k are views of it), one launch
         q, k = rotary_qk(q, k, cos, sin, self.fused)
-        out = ctx.attend(self.layer_idx, q, k, v)  # (N, H_q, D)
+        if self.proj_heads != self.num_heads:  # replicated KV head: attend with this rank's heads
+            out = ctx.attend(self.layer_idx, q[:, self.attn_offset : self.attn_offset + self.num_heads], k, v, q_score=q)
+        else:
+            out = ctx.attend(self.layer_idx, q, k, v)  # (N, H_q, D)
         if self.tp is None:
             return self.o_proj(out.reshape(n, self.q_size))
         return _row_parallel(self.o_proj, out.reshape(n, self.q_size), self.tp)
@@ -273,7 +280,7 @@ class DecoderModel(nn.Module):
         if sh is None:
             q_src = k_src = o_src = gu_src = down_src = None
         else:
-            q_src = (0, sh.q_head_start * d, sh.num_heads * d)
+            q_src = (0, sh.proj_head_start * d, sh.proj_heads * d)
             k_src = (0, sh.kv_head_start * d, sh.num_kv_heads * d)
             o_src = (1, sh.q_head_start * d, sh.num_heads * d)
             gu_src = (0, sh.inter_start, sh.inter_size)
@@ -285,7 +292,7 @@ class DecoderModel(nn.Module):
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             a = layer.self_attn
-            q, kv = a.q_size, a.kv_size
+            q, kv = a.proj_q_size, a.kv_size
             parts = (
                 ("q_proj", slice(0, q), q_src), ("k_proj", slice(q, q + kv), k_src), ("v_proj", slice(q + kv, q + 2 * kv), k_src),
             )
