@@ -338,6 +338,8 @@ class LLMEngine:
             try:
                 self.config.faults.check_step(sched.requests, self._rank)  # testing only; no-op unless configured
                 launched = self._launch(sched.requests, sched.num_new_tokens)
+            except TPError:  # the tensor-parallel group is broken: not this step's requests' fault
+                raise
             except Exception as exc:
                 failed, cause = [r.request_id for r in sched.requests], exc
         if self.async_scheduling:
@@ -348,6 +350,8 @@ class LLMEngine:
         if done is not None:
             try:
                 touched += self._process(done)
+            except TPError:
+                raise
             except Exception as exc:  # its tokens never arrived: its requests are broken
                 failed += [r.request_id for r in done.requests if r.request_id not in failed]
                 cause = cause or exc

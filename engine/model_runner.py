@@ -120,15 +120,22 @@ class ModelRunner:
         s, bs = self.spec, self.config.cache.block_size
         cache = KVCache(s.num_layers, self.local_kv_heads, s.head_dim, num_tokens // bs, bs, self.dtype, self.device)
         log.info("KV pool: %d tokens per layer (%.2f GiB)", cache.capacity_tokens, cache.capacity_tokens * self.kv_bytes_per_token() / 2**30)
+        if self.tp is not None and self.config.cache.host_kv_tokens is None:
+            # the host store is made on first use, which happens on rank 0 (add_request) before
+            # the workers (next step): agree on its size now, while every rank is here
+            self._host_tokens = min(v[0] for v in self.tp.agree(self._default_host_tokens(cache.capacity_tokens))) // self.tp.size
         return cache
+
+    def _default_host_tokens(self, gpu_pool_tokens: int) -> int:
+        per_token = self.kv_bytes_per_token() + 4 * self.spec.num_layers * self.local_kv_heads
+        return min(gpu_pool_tokens, _available_ram() // 4 // per_token)
 
     def allocate_host_store(self, gpu_pool_tokens: int) -> HostKVStore:
         s = self.spec
         tokens = self.config.cache.host_kv_tokens
         if tokens is None:
-            tokens = min(gpu_pool_tokens, _available_ram() // 4 // (self.kv_bytes_per_token() + 4 * s.num_layers * self.local_kv_heads))
-            if self.tp is not None:  # ranks on one host share its RAM; all must agree on the size
-                tokens = min(v[0] for v in self.tp.agree(tokens)) // self.tp.size
+            # tensor parallel: agreed by the ranks (ranks on one host share its RAM)
+            tokens = self._default_host_tokens(gpu_pool_tokens) if self.tp is None else self._host_tokens
         store = HostKVStore(s.num_layers, self.local_kv_heads, s.head_dim, tokens, self.dtype, self.device, self.config.cache.recall_stage_tokens)
         log.info("recall host store: %d tokens per layer (%.2f GiB, pinned=%s)", store.capacity_tokens, store.capacity_tokens * self.kv_bytes_per_token() / 2**30, store.pin_memory)
         return store

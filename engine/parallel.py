@@ -98,6 +98,8 @@ class TPGroup:
 
     def __init__(self, rank: int, size: int, init_method: str, device: torch.device, timeout_s: float) -> None:
         self.rank, self.size, self.device = rank, size, device
+        if dist.is_initialized():
+            raise TPError("this process already is a rank of a tensor-parallel engine (one per process): shut that engine down first")
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout)
