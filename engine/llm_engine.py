@@ -288,16 +288,17 @@ class LLMEngine:
                 code = 3
             else:
                 outs = self._step()
-        except TPError:
-            if self.tp_driver is not None:
-                self.tp_driver.check_alive()  # name the dead rank when there is one
-            raise
+        except TPError as exc:
+            self._tp_broken(exc)
         except StepError as exc:
             code, err = 1, exc
         except Exception as exc:  # noqa: BLE001 - compared across ranks first
             code, err = 2, exc
         digest = self._state_digest() if self.config.faults.debug_tp_check_state else 0
-        got = self.runner.tp.agree(code, digest)
+        try:
+            got = self.runner.tp.agree(code, digest)
+        except TPError as exc:
+            self._tp_broken(exc)
         codes = [c for c, _ in got]
         if len(set(codes)) > 1:
             raise TPError(f"tensor-parallel ranks disagree about a step (status per rank {codes}; 0 ok, 1 step error, 2 other error, 3 diverged)")
@@ -306,6 +307,15 @@ class LLMEngine:
         if err is not None:
             raise err
         return outs
+
+    def _tp_broken(self, exc: TPError) -> None:
+        """Re-raise a failed collective, naming the dead rank when there is one (rank 0)."""
+        if self.tp_driver is not None:
+            try:
+                self.tp_driver.check_alive(wait=2.0)
+            except TPError as dead:
+                raise dead from exc
+        raise exc
 
     def _state_digest(self) -> int:
         """A hash of what every rank must agree on (``FaultConfig.debug_tp_check_state``)."""

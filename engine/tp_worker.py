@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,12 @@ class TPDriver:
     def record(self, *cmd: Any) -> None:
         self.pending.append(cmd)
 
-    def check_alive(self) -> None:
+    def check_alive(self, wait: float = 0.0) -> None:
+        """Raise ``TPError`` naming a worker that is gone. ``wait``: seconds to give a worker
+        that is exiting (a collective failed because a peer died: its exit may lag)."""
+        deadline = time.monotonic() + wait
+        while wait and all(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
         dead = [(i + 1, p.exitcode) for i, p in enumerate(self.procs) if not p.is_alive()]
         if dead:
             rank, code = dead[0]

@@ -231,3 +231,41 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_dead_rank_fails_requests_in_the_engine_core(tiny_llama):
+    """``batchmax serve``'s path: the core process (rank 0) loses rank 1 mid-step; the request
+    in flight ends with finish_reason ``error`` naming the rank, and ``is_running`` turns False
+    (``/health`` answers 503 on it)."""
+    import asyncio
+
+    from batchmax.engine.core_client import EngineCoreClient
+
+    config = EngineConfig.from_kwargs(
+        model=str(tiny_llama), tensor_parallel_size=2, debug_fail_step_token=POISON, debug_exit_rank=1, tp_timeout_s=30,
+        **{k: v for k, v in COMMON.items() if k != "skip_tokenizer_init"},
+    )
+    core = EngineCoreClient(config)
+    try:
+        prompt = random_prompts([30], seed=17)[0]
+
+        async def run():
+            ok = None
+            async for out in core.generate([t for t in prompt if t != POISON], SamplingParams(max_tokens=3, temperature=0.0), request_id="ok"):
+                ok = out
+            assert ok.finish_reason == "length" and core.is_running
+            bad = prompt[:]
+            bad[3] = POISON
+            last = None
+            async for out in core.generate(bad, SamplingParams(max_tokens=3, temperature=0.0), request_id="bad"):
+                last = out
+            return last
+
+        last = asyncio.run(asyncio.wait_for(run(), 60))
+        assert last.finish_reason == "error" and "rank 1" in last.error
+        deadline = time.monotonic() + 20
+        while core.is_running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not core.is_running
+    finally:
+        core.shutdown()
