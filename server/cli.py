@@ -52,6 +52,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="decode tokens reserved per request at admission (default: all max_tokens, never preempts); "
                         "fewer admits more and preempts (recompute) when the pool runs out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N devices, one process each (rank 0 is the engine core; see docs/ARCHITECTURE.md)")
+    p.add_argument("--tp-timeout", dest="tp_timeout_s", type=float, default=120.0,
+                   help="tensor parallel: seconds a collective may take before the engine fails (a dead or hung rank)")
     p.add_argument("--grammar-cache-size", type=int, default=64, help="compiled grammars kept for structured outputs (LRU)")
     p.add_argument("--json-any-whitespace", action=argparse.BooleanOptionalAction, default=False,
                    help="structured JSON outputs may put any whitespace between tokens (vLLM's default); off: compact JSON")
@@ -83,6 +87,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         async_scheduling=args.async_scheduling,
         seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        tp_timeout_s=args.tp_timeout_s,
         decode_reserve_tokens=args.decode_reserve_tokens,
         grammar_cache_size=args.grammar_cache_size,
         json_any_whitespace=args.json_any_whitespace,

@@ -269,3 +269,18 @@ def test_dead_rank_fails_requests_in_the_engine_core(tiny_llama):
         assert not core.is_running
     finally:
         core.shutdown()
+
+
+def test_cli_and_bench_take_the_flag(tiny_llama):
+    """``batchmax serve --tensor-parallel-size`` and ``bench/throughput.py --tensor-parallel-size``
+    reach the engine (the bench at TP=2 on a tiny model, as the GPU run will at scale)."""
+    from batchmax.server.cli import build_parser as cli_parser
+    from batchmax.server.cli import engine_kwargs
+    from bench.throughput import build_parser, parse_config, run_batchmax
+
+    args = cli_parser().parse_args(["serve", "--tensor-parallel-size", "2", "--tp-timeout", "30"])
+    kw = engine_kwargs(args)
+    assert kw["tensor_parallel_size"] == 2 and kw["tp_timeout_s"] == 30
+    a = build_parser().parse_args(["--chunk", "32", "--tensor-parallel-size", "2", "--max-num-batched-tokens", "256"])
+    r = run_batchmax(parse_config("snapkv@24"), random_prompts([60] * 3, seed=18), 6, a, model=str(tiny_llama))
+    assert r["tensor_parallel_size"] == 2 and r["out_tokens"] == 18
