@@ -284,3 +284,29 @@ def test_cli_and_bench_take_the_flag(tiny_llama):
     a = build_parser().parse_args(["--chunk", "32", "--tensor-parallel-size", "2", "--max-num-batched-tokens", "256"])
     r = run_batchmax(parse_config("snapkv@24"), random_prompts([60] * 3, seed=18), 6, a, model=str(tiny_llama))
     assert r["tensor_parallel_size"] == 2 and r["out_tokens"] == 18
+
+
+def test_async_scheduling_structured_outputs_and_logits_processing(tiny_llama):
+    """Async scheduling (the sampled ids broadcast, then taken on the device by the next step),
+    a JSON-schema request (grammar masks on every rank), penalties and logit_bias, and a seeded
+    sampled request: the same tokens as one process."""
+    from batchmax.engine import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    prompts = random_prompts([40, 55, 61, 47], seed=19)
+    reqs = [
+        ("json", prompts[0], SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=StructuredOutputsParams(json=schema))),
+        ("pen", prompts[1], SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, logit_bias={5: 3.0})),
+        ("seeded", prompts[2], SamplingParams(max_tokens=10, temperature=0.7, seed=3)),
+        ("snap", prompts[3], _params("snapkv", False)),
+    ]
+    kw = dict(async_scheduling=True, skip_tokenizer_init=False)
+    a = _run(_engine(tiny_llama, 1, **kw), reqs)
+    two = _engine(tiny_llama, 2, **kw)
+    try:
+        assert two.async_scheduling
+        b = _run(two, reqs)
+    finally:
+        two.shutdown()
+    for rid in a:
+        assert a[rid].token_ids == b[rid].token_ids, rid
