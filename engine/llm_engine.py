@@ -228,8 +228,6 @@ class LLMEngine:
         if not params.greedy:
             seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._seed_counter))) & (2**63 - 1)
             req.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
-        if self.tp_driver is not None:  # the workers apply the same add before the next step
-            self.tp_driver.record("add", request_id, prompt_ids, params)
         if req.recall:
             self._ensure_host_store()
         if req.grammar is not None:
@@ -238,6 +236,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.config.detokenize:
             self.detok[request_id] = Detokenizer.for_params(self.tokenizer, prompt_ids, params)
         self.scheduler.add(req)
+        if self.tp_driver is not None:  # added here: the workers apply the same add before the next step
+            self.tp_driver.record("add", request_id, prompt_ids, params)
 
     def _ensure_host_store(self) -> None:
         if self.scheduler.host is None:

@@ -123,12 +123,14 @@ class ModelRunner:
         if self.tp is not None and self.config.cache.host_kv_tokens is None:
             # the host store is made on first use, which happens on rank 0 (add_request) before
             # the workers (next step): agree on its size now, while every rank is here
-            self._host_tokens = min(v[0] for v in self.tp.agree(self._default_host_tokens(cache.capacity_tokens))) // self.tp.size
+            self._host_tokens = min(v[0] for v in self.tp.agree(self._default_host_tokens(cache.capacity_tokens)))
         return cache
 
     def _default_host_tokens(self, gpu_pool_tokens: int) -> int:
+        """A quarter of the host's available RAM (shared by the ranks on it), at most the pool."""
         per_token = self.kv_bytes_per_token() + 4 * self.spec.num_layers * self.local_kv_heads
-        return min(gpu_pool_tokens, _available_ram() // 4 // per_token)
+        ranks = 1 if self.tp is None else self.tp.size
+        return min(gpu_pool_tokens, _available_ram() // 4 // ranks // per_token)
 
     def allocate_host_store(self, gpu_pool_tokens: int) -> HostKVStore:
         s = self.spec
