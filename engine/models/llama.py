@@ -259,14 +259,16 @@ class DecoderModel(nn.Module):
         into the fused layout. ``tensors`` maps names to tensors (lazily is fine)."""
         loaded: set[str] = set()
         sh = self.shard
-        # Tensor parallel: each tensor is read whole and this rank's slice copied (``src``:
-        # (dim, start, length) of the checkpoint tensor). Simple; a rank reads the whole
-        # checkpoint, which a sliced safetensors read could avoid.
+        # Tensor parallel: this rank's slice of a tensor (``src_slice``: (dim, start, length)),
+        # read alone from safetensors (``SafetensorsDir.read_slice``), else cut from the whole.
 
         def put(dst: torch.Tensor, name: str, rows: slice | None = None, src_slice: tuple[int, int, int] | None = None) -> None:
-            src = tensors[name]
-            if src_slice is not None:
-                src = src.narrow(*src_slice)
+            if src_slice is None:
+                src = tensors[name]
+            elif hasattr(tensors, "read_slice"):
+                src = tensors.read_slice(name, *src_slice)
+            else:
+                src = tensors[name].narrow(*src_slice)
             (dst if rows is None else dst[rows]).copy_(src.to(dst.dtype))
             loaded.add(name)
 
@@ -336,6 +338,15 @@ class SafetensorsDir:
         if name not in self._files:
             raise KeyError(f"checkpoint has no tensor {name!r}")
         return self._files[name].get_tensor(name)
+
+    def read_slice(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        """``self[name].narrow(dim, start, length)``, reading only that part of the file
+        (a tensor-parallel rank's shard)."""
+        if name not in self._files:
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+        part = self._files[name].get_slice(name)
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return part[index]
 
 
 def load_weights_source(path: str) -> Any:
