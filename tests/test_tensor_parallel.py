@@ -104,6 +104,21 @@ def test_tp2_matches_tp1_qwen2_every_policy(tiny_qwen2):
         two.shutdown()
 
 
+@pytest.mark.parametrize("family", ["tiny_llama_mha", "tiny_mistral", "tiny_qwen3"])
+def test_tp2_matches_tp1_other_families(family, request):
+    """MHA (two KV heads per rank), Mistral, Qwen3 (RMSNorm on q and k per head)."""
+    path = request.getfixturevalue(family)
+    cases = [("full", False), ("snapkv", True), ("h2o", False), ("pyramid_tova", True)]
+    prompts = random_prompts([75 + 11 * i for i in range(len(cases))], seed=21)
+    reqs = [(f"{p}-{r}", prompt, _params(p, r, n=6)) for (p, r), prompt in zip(cases, prompts)]
+    a = _run(_engine(path, 1), reqs)
+    two = _engine(path, 2)
+    try:
+        _assert_same(a, _run(two, reqs))
+    finally:
+        two.shutdown()
+
+
 def test_tp4_replicates_kv_heads(tiny_llama):
     """4 ranks over 2 KV heads: each KV head on two ranks; a rank projects its KV head's
     whole query group, so query-based eviction scores as with one rank."""
