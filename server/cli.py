@@ -242,8 +242,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))
     plan = make_plan(
         spec, args.gpu_mem_gb, args.prompt_len, args.max_tokens, args.budget, args.chunk, dtype,
-        reserve_gb=args.reserve_gb, evict_decode_every=args.evict_decode_every,
+        reserve_gb=args.reserve_gb, evict_decode_every=args.evict_decode_every, tensor_parallel_size=args.tensor_parallel_size,
     )
+    if args.tensor_parallel_size > 1:
+        print(f"tensor parallel over {args.tensor_parallel_size} GPUs: per GPU below (its KV heads, 1/{args.tensor_parallel_size} of the weights)")
     print(f"{args.prompt_len}-token prompts -> {args.max_tokens} tokens, chunk {args.chunk}, {args.gpu_mem_gb:g} GB GPU, {dtype}")
     print(plan.table())
     return 0
@@ -273,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
     pl.add_argument("--reserve-gb", type=float, default=2.0, help="GPU memory kept for activations")
     pl.add_argument("--evict-decode-every", type=int, default=0)
+    pl.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is sharded over")
     pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
