@@ -48,6 +48,9 @@ class FaultConfig:
     """Tensor parallel: with ``debug_fail_step_token``, that step makes only this rank's
     process exit (a rank that dies mid-serving) instead of every rank raising. ``None``: off."""
 
+    debug_raise_rank: int | None = None
+    """Tensor parallel: with ``debug_fail_step_token``, that step raises on this rank only (a
+    failure the other ranks do not share). ``None``: off."""
     debug_tp_check_state: bool = False
     """Tensor parallel: after every step the ranks also compare a digest of their scheduler
     and pool state (running and waiting requests, held lengths, block tables, output
@@ -69,6 +72,8 @@ class FaultConfig:
                 import os
 
                 os._exit(3)
+            return
+        if poisoned and self.debug_raise_rank is not None and rank != self.debug_raise_rank:
             return
         if poisoned:
             raise InjectedFault(f"injected step failure (prompt token {token} in request {poisoned[0]})")

@@ -373,3 +373,20 @@ def test_server_rank_killed_mid_stream_fails_it_and_health(tiny_llama, tmp_path_
         assert r.status_code == 503
     finally:
         srv.stop()
+
+
+def test_a_step_failing_on_one_rank_only_is_detected(tiny_llama):
+    """Rank 1 fails a step that rank 0 runs: rank 0's collective times out (``tp_timeout_s``)
+    and the engine raises ``TPError`` rather than hanging or going on with different states."""
+    two = _engine(tiny_llama, 2, debug_fail_step_token=POISON, debug_raise_rank=1, tp_timeout_s=8)
+    try:
+        prompt = random_prompts([40], seed=22)[0]
+        prompt[5] = POISON
+        two.add_request("x", prompt, SamplingParams(max_tokens=4, temperature=0.0))
+        t = time.monotonic()
+        with pytest.raises(TPError):
+            while two.has_unfinished_requests():
+                two.step()
+        assert time.monotonic() - t < 30
+    finally:
+        two.shutdown()
