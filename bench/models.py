@@ -28,6 +28,15 @@ LLAMA3_8B = dict(
     dtype="bfloat16",
 )
 
+# Llama-3-70B: 80 layers, 64 query / 8 KV heads of 128 (320 KiB of KV per token in bf16);
+# 141 GB of bf16 weights: tensor parallel (2 ranks: 70.5 GB each on H200s, 4: 35 GB).
+LLAMA3_70B = dict(
+    LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+    num_key_value_heads=8, max_position_embeddings=131072,
+)
+
+SHAPES = {"8b": LLAMA3_8B, "70b": LLAMA3_70B}
+
 
 def shape_only_model(config: dict, name: str = "llama3-8b-shape") -> str:
     """A model folder with only config.json (load it with load_format='dummy')."""

@@ -49,7 +49,10 @@ import time
 import torch
 
 from bench import append_jsonl
-from bench.models import LLAMA3_8B, shape_only_model
+from bench.models import LLAMA3_8B, SHAPES, shape_only_model
+
+SHAPE = LLAMA3_8B
+"""The model shape the run uses (``--model-shape``)."""
 
 WORKLOADS = {"W1": (128, 4096, 256), "W2": (96, 16384, 512)}
 BUILTIN_SCHEMA = {
@@ -113,7 +116,7 @@ def roofline_s(n: int, prompt: int, out: int, kept: int | None, batch: int, flop
     2 x params x rows FLOPs on them where that is longer (at 256 rows on an H200, whose
     matmul rate over copy bandwidth is ~185 FLOP/byte, it is), and reads every running
     request's K/V (kept + generated so far)."""
-    c = LLAMA3_8B
+    c = SHAPE
     L, hq, hkv, hd, hidden = c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["hidden_size"]
     params = (hidden * (hq + 2 * hkv) * hd + hq * hd * hidden + 3 * hidden * c["intermediate_size"]) * L + 2 * c["vocab_size"] * hidden
     matmul_params = params - c["vocab_size"] * hidden  # the input embedding is a lookup
@@ -140,8 +143,14 @@ def parse_config(s: str) -> dict:
 
 def kv_token_bytes() -> int:
     """K and V of one token in every layer, bf16 (128 KiB for the 8B shape)."""
-    c = LLAMA3_8B
+    c = SHAPE
     return c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2 * 2
+
+
+def kv_token_bytes_per_rank(tp: int) -> int:
+    """One rank's share of ``kv_token_bytes`` (its KV heads; replicated past the KV heads)."""
+    c = SHAPE
+    return kv_token_bytes() * max(1, c["num_key_value_heads"] // tp) // c["num_key_value_heads"]
 
 
 def run_vllm(prompts, out_len: int, a) -> dict:
@@ -154,10 +163,11 @@ def run_vllm(prompts, out_len: int, a) -> dict:
     folder = tempfile.mkdtemp(prefix="batchmax-vllm-")
     with open(os.path.join(folder, "prompts.json"), "w") as f:
         json.dump(prompts, f)
-    cmd = [sys.executable, "-m", "bench.vllm_peer", "--model", shape_only_model(LLAMA3_8B), "--prompts", os.path.join(folder, "prompts.json"),
+    cmd = [sys.executable, "-m", "bench.vllm_peer", "--model", shape_only_model(SHAPE), "--prompts", os.path.join(folder, "prompts.json"),
            "--output-len", str(out_len), "--max-model-len", str(len(prompts[0]) + out_len)]
     if a.kv_gib:
         cmd += ["--kv-bytes", str(int(a.kv_gib * 2**30))]
+    cmd += ["--tensor-parallel-size", str(a.tensor_parallel_size)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"vLLM exited with {r.returncode}: {r.stderr[-3000:]}")
@@ -188,8 +198,10 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a, model: str | None = None) 
         return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, structured_outputs=so)
 
     cuda = torch.cuda.is_available()
-    pool = dict(num_tokens=int(a.kv_gib * 2**30) // kv_token_bytes()) if a.kv_gib else {}
-    llm = LLM(model or shape_only_model(LLAMA3_8B), load_format="dummy", **pool, **tok, chunk_size=a.chunk,
+    tp = a.tensor_parallel_size
+    # --kv-gib caps each GPU's pool (with TP, a rank holds its share of the KV heads)
+    pool = dict(num_tokens=int(a.kv_gib * 2**30) // kv_token_bytes_per_rank(tp)) if a.kv_gib else {}
+    llm = LLM(model or shape_only_model(SHAPE), load_format="dummy", **pool, **tok, chunk_size=a.chunk, tensor_parallel_size=tp,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=cfg["policy"],
               kv_budget=cfg["budget"], kv_recall=cfg["recall"], host_kv_tokens=a.host_kv_tokens if cfg["recall"] else None,
               max_model_len=len(prompts[0]) + out_len + a.chunk, fused_ops=a.fused_ops, async_scheduling=a.async_scheduling,
@@ -224,6 +236,8 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a, model: str | None = None) 
                budget=cfg["budget"], recall=cfg["recall"], fused_ops=eng.runner.fused_ops, async_scheduling=eng.async_scheduling,
                chunk=a.chunk, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                alloc_retries=(torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0) - retries0)
+    res.update(tensor_parallel_size=tp, model_shape=a.model_shape)
+    llm.shutdown()
     del llm, eng, outs
     gc.collect()
     if cuda:
@@ -234,7 +248,7 @@ def run_batchmax(cfg: dict, prompts, out_len: int, a, model: str | None = None) 
 def _hf_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k not in ("architectures", "model_type", "dtype")})
+    config = LlamaConfig(**{k: v for k, v in SHAPE.items() if k not in ("architectures", "model_type", "dtype")})
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(config,  # noqa: SLF001 - HF's random-init constructor
                                                dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -333,6 +347,9 @@ def plot(json_path: str, png: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=list(WORKLOADS), default="W1")
+    p.add_argument("--model-shape", choices=list(SHAPES), default="8b", help="Llama-3 shape (random bf16 weights)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="batchmax over N GPUs (one process each); the rooflines use N GPUs' aggregate ceilings")
     p.add_argument("--num-prompts", type=int, default=None, help="default: 128 (W1), 96 (W2)")
     p.add_argument("--configs", nargs="*", default=["full", "snapkv@512", "snapkv@1024"])
     p.add_argument("--peers", nargs="*", default=["static", "generate_batch"], choices=["static", "generate_batch", "vllm"])
@@ -362,15 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
+    global SHAPE
+    SHAPE = SHAPES[a.model_shape]
     if a.plot and not a.configs:
         plot(a.json, a.plot)
         return
     n, prompt, out = WORKLOADS[a.workload]
     n = a.num_prompts or n
     rng = random.Random(0)
-    prompts = [[rng.randrange(1000, LLAMA3_8B["vocab_size"] - 1000) for _ in range(prompt)] for _ in range(n)]
+    prompts = [[rng.randrange(1000, SHAPE["vocab_size"] - 1000) for _ in range(prompt)] for _ in range(n)]
     flops, bw = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: bf16 matmul {flops / 1e12:.0f} TFLOP/s, copy {bw / 1e12:.2f} TB/s", flush=True)
+    flops, bw = flops * a.tensor_parallel_size, bw * a.tensor_parallel_size  # ideal scaling: the bound
     rows = []
     vllm_rows = []
     if "vllm" in a.peers:  # first, while this process holds no more than its CUDA context

@@ -25,13 +25,14 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, required=True)
     p.add_argument("--kv-bytes", type=int, default=None)
     p.add_argument("--max-model-len", type=int, required=True)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     a = p.parse_args(argv)
     from vllm import LLM, SamplingParams, TokensPrompt
 
     prompts = json.load(open(a.prompts))
     kw = dict(kv_cache_memory_bytes=a.kv_bytes) if a.kv_bytes else {}
     llm = LLM(model=a.model, load_format="dummy", skip_tokenizer_init=True, enable_prefix_caching=False,
-              max_model_len=a.max_model_len, dtype="bfloat16", **kw)
+              max_model_len=a.max_model_len, dtype="bfloat16", tensor_parallel_size=a.tensor_parallel_size, **kw)
     params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True, detokenize=False)
     warm = [TokensPrompt(prompt_token_ids=pr) for pr in prompts[: min(len(prompts), 16)]]
     llm.generate(warm, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False), use_tqdm=False)

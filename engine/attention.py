@@ -92,18 +92,21 @@ class PoolAttention:
     def __init__(self, cache: KVCache, meta: StepMetadata, hook: EvictionHook | None = None, fused: bool = False) -> None:
         self.cache, self.meta, self.hook, self.fused = cache, meta, hook, fused
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_score: torch.Tensor | None = None) -> torch.Tensor:
+        """``q_score``: the queries eviction sees instead of ``q`` (tensor parallel with
+        replicated KV heads: every query head of the KV head's group, not only this rank's)."""
         cache, meta = self.cache, self.meta
+        qs = q if q_score is None else q_score
         store_kv(k, v, meta.positions, meta.write_idx[layer_idx], cache.k[layer_idx], cache.v[layer_idx], cache.pos[layer_idx], self.fused)
         if self.hook is not None:
-            self.hook.before_attention(layer_idx, q, self)
+            self.hook.before_attention(layer_idx, qs, self)
         if self.fused:
             out = paged_attention(
                 q, cache.k[layer_idx], cache.v[layer_idx], meta.block_table, meta.seq_lens[layer_idx],
                 meta.query_start_loc, max(meta.num_new), cache.block_size, num_decodes=meta.num_decodes,
             )
             if self.hook is not None:
-                self.hook(layer_idx, q, self)
+                self.hook(layer_idx, qs, self)
             return out
         out = torch.empty_like(q)
         kl, vl = cache.k[layer_idx], cache.v[layer_idx]  # (S_pool, H_kv, D)
@@ -113,5 +116,5 @@ class PoolAttention:
             sl = meta.slots[b, : held + (e - s)]
             out[s:e] = attend_one(q[s:e], kl.index_select(0, sl), vl.index_select(0, sl), held)
         if self.hook is not None:
-            self.hook(layer_idx, q, self)
+            self.hook(layer_idx, qs, self)
         return out

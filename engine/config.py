@@ -172,6 +172,14 @@ class EngineConfig:
     """Largest decode batch served from a graph; larger batches run eagerly."""
     seed: int = 0
     """Seeds the generators of requests that carry no seed of their own."""
+    tensor_parallel_size: int = 1
+    """Processes (one device each) the model is sharded over (``engine/parallel.py``). 1: one
+    process, no ``torch.distributed``. N > 1: the caller's process is rank 0, N - 1 workers are
+    spawned; it must divide the attention heads, the MLP width and the KV heads (or be a
+    multiple of the KV heads, which are then replicated)."""
+    tp_timeout_s: float = 120.0
+    """Tensor parallel: a collective (or a worker's start) that takes longer than this fails
+    the engine (a rank that died or hangs) instead of waiting forever."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
@@ -188,6 +196,10 @@ class EngineConfig:
             raise ValueError("cuda_graph_max_batch must be >= 1")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tp_timeout_s <= 0:
+            raise ValueError("tp_timeout_s must be positive")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"unknown device {self.device!r}")
 

@@ -254,6 +254,8 @@ class EngineCoreClient(StreamingEngine):
                     del self._requests[d.request_id]
                     self._num_unfinished -= 1
                 stream.put(d.request_id, out, msg.t)
+        elif isinstance(msg, FatalMsg):  # the core gave up (a tensor-parallel rank died) and exits
+            self._core_died(msg.error)
         elif isinstance(msg, AcceptedMsg):
             self._stats = msg.stats
             fut, rids = self._pending.pop(msg.batch_id)
@@ -268,7 +270,7 @@ class EngineCoreClient(StreamingEngine):
                 fut.set_exception(ValueError(msg.error) if msg.client_error else RuntimeError(msg.error))
 
     def _core_died(self, why: str) -> None:
-        if self._stopped:
+        if self._stopped or self._dead is not None:  # told once: by its FatalMsg or its exit
             return
         logger.error("%s; failing %d request(s)", why, len(self._requests))
         self._dead = why

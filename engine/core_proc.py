@@ -71,8 +71,13 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, log_level
     loop = EngineLoop(engine, transport, on_step=transport.on_step)
     push.send(encoder.encode(ReadyMsg(engine.model_name, engine.max_model_len, engine.runner.spec.vocab_size, loop.state.stats)))
     loop.run()
+    if loop.fatal is not None:  # the front end fails what is left and turns unhealthy
+        push.send(encoder.encode(FatalMsg(loop.fatal)))
+    engine.shutdown()
     pull.close()
     push.close()
+    if loop.fatal is not None:
+        sys.exit(1)
 
 
 class ZmqTransport:

@@ -12,7 +12,10 @@ so an idle server burns no CPU. Two transports drive it:
 
 Failures: a step that raises ``StepError`` (``faults.py``) ends the requests it was running
 with finish_reason ``error`` and frees their KV; the loop keeps stepping for the others and
-for new requests. Any other exception of a step fails every request in flight.
+for new requests. Any other exception of a step fails every request in flight. A broken
+tensor-parallel group (``TPError``: a rank died, a collective timed out) is fatal: every request
+in flight fails, ``fatal`` says why and ``run`` returns (the engine core then reports it to its
+front end and exits, so ``/health`` turns 503).
 
 Nothing here knows about HTTP, threads or sockets.
 """
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 
 from batchmax.engine.faults import StepError
 from batchmax.engine.outputs import RequestOutput
+from batchmax.engine.parallel import TPError
 from batchmax.engine.sampling import SamplingParams
 from batchmax.engine.stats import EngineStats
 
@@ -95,6 +99,8 @@ class EngineLoop:
         self.on_step = on_step
         self.entries: dict[str, LoopEntry] = {}
         self.state = LoopState()
+        self.fatal: str | None = None
+        """Why the loop stopped for good (a broken tensor-parallel group), or None."""
         self._step_failures = 0  # the engine never sees its failed steps end
         self._last_step_failed = False
         self._refresh()
@@ -136,6 +142,11 @@ class EngineLoop:
             self._step_failed()
             self._fail(exc.request_ids, f"engine error: {exc}")
             return True
+        except TPError as exc:  # the engine cannot go on: fail everything and stop
+            logger.error("tensor-parallel engine failed: %s; failing %d request(s)", exc, len(self.entries))
+            self.fatal = f"engine error: {exc}"
+            self._finish_all("error", self.fatal)
+            return False
         except Exception as exc:  # no telling which requests it broke: all of those in flight
             logger.exception("engine step failed; failing %d request(s)", len(self.entries))
             self._step_failed()

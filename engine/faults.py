@@ -44,15 +44,36 @@ class FaultConfig:
     """A step that schedules any request whose prompt contains this token id raises
     ``InjectedFault``. ``None``: never."""
 
+    debug_exit_rank: int | None = None
+    """Tensor parallel: with ``debug_fail_step_token``, that step makes only this rank's
+    process exit (a rank that dies mid-serving) instead of every rank raising. ``None``: off."""
+
+    debug_raise_rank: int | None = None
+    """Tensor parallel: with ``debug_fail_step_token``, that step raises on this rank only (a
+    failure the other ranks do not share). ``None``: off."""
+    debug_tp_check_state: bool = False
+    """Tensor parallel: after every step the ranks also compare a digest of their scheduler
+    and pool state (running and waiting requests, held lengths, block tables, output
+    tokens); a difference is a ``TPError``. Costs a pass over the batch per step: tests only."""
+
     def __post_init__(self) -> None:
         if self.debug_fail_step_token is not None and self.debug_fail_step_token < 0:
             raise ValueError(f"debug_fail_step_token must be a token id (>= 0), got {self.debug_fail_step_token}")
 
-    def check_step(self, requests: Sequence["Request"]) -> None:
-        """Raise ``InjectedFault`` if this step is one to fail."""
+    def check_step(self, requests: Sequence["Request"], rank: int = 0) -> None:
+        """Raise ``InjectedFault`` if this step is one to fail (``rank``: this process's
+        tensor-parallel rank)."""
         token = self.debug_fail_step_token
         if token is None:
             return
         poisoned = [r.request_id for r in requests if token in r.prompt_token_ids]
+        if poisoned and self.debug_exit_rank is not None:
+            if rank == self.debug_exit_rank:
+                import os
+
+                os._exit(3)
+            return
+        if poisoned and self.debug_raise_rank is not None and rank != self.debug_raise_rank:
+            return
         if poisoned:
             raise InjectedFault(f"injected step failure (prompt token {token} in request {poisoned[0]})")

@@ -24,6 +24,7 @@ from batchmax.engine.logits_processors import (
 )
 from batchmax.engine.model_runner import ModelRunner
 from batchmax.engine.outputs import RequestOutput
+from batchmax.engine.parallel import TPError, TPGroup, rank_device
 from batchmax.engine.request import FinishReason, Request, TokenLogprob
 from batchmax.engine.sampling import Sampler, SamplingParams
 from batchmax.engine.scheduler import Scheduler
@@ -35,15 +36,43 @@ log = logging.getLogger("batchmax")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, tp_rank: int = 0, tp_init: str | None = None, model_path: str | None = None) -> None:
+        """``tp_rank``, ``tp_init``, ``model_path``: set only by a tensor-parallel worker
+        (``engine/tp_worker.py``); with ``tensor_parallel_size > 1`` the caller's engine is
+        rank 0 and spawns the others."""
         from transformers import AutoTokenizer
 
         self.config = config
-        path = resolve_model(config.model)
+        path = model_path or resolve_model(config.model)
         self.model_path = path
         self.model_name = DEFAULT_MODEL_NAME if config.model is None else Path(path).resolve().name
         self.tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer or path)
-        self.runner = ModelRunner(config, path, load_weights=config.load_format == "auto")
+        self.tp_driver = None  # rank 0 of a tensor-parallel group: the workers (tp_worker.py)
+        self.tp_diverged = False  # a worker that could not apply one of rank 0's commands
+        tp = None
+        if config.tensor_parallel_size > 1:
+            from batchmax.engine.model_runner import resolve_device
+            from batchmax.engine.tp_worker import TPDriver
+
+            if tp_rank == 0:
+                self.tp_driver = TPDriver(config, str(path))
+                tp_init = self.tp_driver.init_method
+            try:
+                device = rank_device(resolve_device(config.device), tp_rank)
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)
+                tp = TPGroup(tp_rank, config.tensor_parallel_size, tp_init, device, config.tp_timeout_s)
+            except BaseException:
+                self.shutdown()
+                raise
+        try:
+            self.runner = ModelRunner(config, path, load_weights=config.load_format == "auto", tp=tp)
+            self._init_rest(config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _init_rest(self, config: EngineConfig) -> None:
         spec = self.runner.spec
         self.max_model_len = config.scheduler.max_model_len or spec.max_position_embeddings
         sliding = getattr(self.runner.hf_config, "sliding_window", None)
@@ -67,6 +96,7 @@ class LLMEngine:
         self.async_scheduling = self.runner.device.type == "cuda" if asc is None else asc
         self._inflight: StepInFlight | None = None  # launched, tokens not read yet (async scheduling)
         self._touched_unreported: list[Request] = []  # got tokens in a step processed as the next one failed
+        self._rank = 0 if self.runner.tp is None else self.runner.tp.rank
         self.eos_token_ids = self._eos_ids()
         # grammar-constrained decoding; nothing is compiled or allocated before a request uses it
         self.structured = StructuredOutputs(
@@ -206,6 +236,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.config.detokenize:
             self.detok[request_id] = Detokenizer.for_params(self.tokenizer, prompt_ids, params)
         self.scheduler.add(req)
+        if self.tp_driver is not None:  # added here: the workers apply the same add before the next step
+            self.tp_driver.record("add", request_id, prompt_ids, params)
 
     def _ensure_host_store(self) -> None:
         if self.scheduler.host is None:
@@ -215,6 +247,8 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None or req.is_finished:
             return
+        if self.tp_driver is not None:
+            self.tp_driver.record("abort", request_id)
         self.scheduler.remove(req)  # frees its KV now
         self._finish(req, FinishReason.ABORT)
 
@@ -236,6 +270,75 @@ class LLMEngine:
         """Schedule and launch one step, then report the step whose tokens are now known:
         this one, or with async scheduling the one launched before it (whose device work ran
         while this one was being scheduled and launched)."""
+        if self.runner.tp is not None:
+            return self._tp_step()
+        return self._step()
+
+    def _tp_step(self) -> list[RequestOutput]:
+        """One step on every rank: rank 0 sends the workers its commands since the last step,
+        every rank steps, then all compare how the step ended. Each rank applied the same
+        commands in the same order, so the same step fails (``StepError``: the same requests)
+        or succeeds everywhere; if the ranks disagree their states differ and the group is
+        unusable: ``TPError``, fatal (as is a collective that fails: a dead rank)."""
+        if self.tp_driver is not None:
+            self.tp_driver.send_step()
+        code, err, outs = 0, None, []
+        try:
+            if self.tp_diverged:  # let the status exchange tell every rank
+                code = 3
+            else:
+                outs = self._step()
+        except TPError as exc:
+            self._tp_broken(exc)
+        except StepError as exc:
+            code, err = 1, exc
+        except Exception as exc:  # noqa: BLE001 - compared across ranks first
+            code, err = 2, exc
+        digest = self._state_digest() if self.config.faults.debug_tp_check_state else 0
+        try:
+            got = self.runner.tp.agree(code, digest)
+        except TPError as exc:
+            self._tp_broken(exc)
+        codes = [c for c, _ in got]
+        if len(set(codes)) > 1:
+            raise TPError(f"tensor-parallel ranks disagree about a step (status per rank {codes}; 0 ok, 1 step error, 2 other error, 3 diverged)")
+        if len({d for _, d in got}) > 1:
+            raise TPError("tensor-parallel ranks hold different scheduler or pool state after a step")
+        if err is not None:
+            raise err
+        return outs
+
+    def _tp_broken(self, exc: TPError) -> None:
+        """Re-raise a failed collective, naming the dead rank when there is one (rank 0)."""
+        if self.tp_driver is not None:
+            try:
+                self.tp_driver.check_alive(wait=2.0)
+            except TPError as dead:
+                raise dead from exc
+        raise exc
+
+    def _state_digest(self) -> int:
+        """A hash of what every rank must agree on (``FaultConfig.debug_tp_check_state``)."""
+        import hashlib
+
+        sch = self.scheduler
+        parts = [
+            [r.request_id for r in sch.running], [r.request_id for r in sch.waiting],
+            sorted((rid, s.blocks, s.lens, s.seen) for rid, s in self.cache.seqs.items()),
+            sorted((rid, r.output_token_ids, r.num_computed_tokens) for rid, r in self.requests.items()),
+        ]
+        return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=7).digest(), "little")
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers and leave the process group (no-op otherwise)."""
+        runner = getattr(self, "runner", None)
+        if runner is not None and runner.tp is not None:
+            runner.tp.close()
+        if self.tp_driver is not None:
+            self.tp_driver.shutdown()
+            self.tp_driver = None
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         launched: StepInFlight | None = None
         failed: list[str] = []
@@ -243,8 +346,10 @@ class LLMEngine:
         if sched.requests:
             # A failure here breaks the requests of this step only: name them (faults.py).
             try:
-                self.config.faults.check_step(sched.requests)  # testing only; no-op unless configured
+                self.config.faults.check_step(sched.requests, self._rank)  # testing only; no-op unless configured
                 launched = self._launch(sched.requests, sched.num_new_tokens)
+            except TPError:  # the tensor-parallel group is broken: not this step's requests' fault
+                raise
             except Exception as exc:
                 failed, cause = [r.request_id for r in sched.requests], exc
         if self.async_scheduling:
@@ -255,6 +360,8 @@ class LLMEngine:
         if done is not None:
             try:
                 touched += self._process(done)
+            except TPError:
+                raise
             except Exception as exc:  # its tokens never arrived: its requests are broken
                 failed += [r.request_id for r in done.requests if r.request_id not in failed]
                 cause = cause or exc
@@ -327,6 +434,10 @@ class LLMEngine:
             lg, processed = self.processors.apply(lg, sampled)
             suppress = [self._suppressed(r) for r in sampled]  # before this step's token is pending
             tokens = self.sampler(lg, [r.params for r in sampled], [r.generator for r in sampled], suppress)  # edits lg in place
+            if self.runner.tp is not None:
+                # every rank sampled the same logits with the same generators; rank 0's ids
+                # are taken anyway, so the ranks' histories cannot drift apart
+                tokens = self.runner.tp.broadcast(tokens.contiguous(), 0)
             self.processors.update(processed, tokens)  # counts and tails hold this step's tokens, on the device
             step.tokens, step.host_tokens = tokens, to_host(tokens)
             step.row_of = {r.request_id: i for i, r in enumerate(sampled)}

@@ -16,6 +16,7 @@ from batchmax.engine.host_store import HostKVStore
 from batchmax.engine.inflight import StepInFlight
 from batchmax.engine.kv_cache import KVCache
 from batchmax.engine.models.llama import DecoderModel, ModelSpec, load_weights_source, rope_inv_freq
+from batchmax.engine.parallel import Shard, TPGroup
 from batchmax.engine.request import Request
 from batchmax.engine.triton_attention import HAS_TRITON
 
@@ -42,14 +43,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str | Path, load_weights: bool = True) -> None:
+    def __init__(self, config: EngineConfig, model_path: str | Path, load_weights: bool = True, tp: TPGroup | None = None) -> None:
+        """``tp``: this process's rank of a tensor-parallel group (``engine/parallel.py``): the
+        model holds this rank's shard and the pool this rank's KV heads. None: the whole model."""
         from transformers import AutoConfig
 
         self.config = config
-        self.device = resolve_device(config.device)
+        self.tp = tp
+        self.device = resolve_device(config.device) if tp is None else tp.device
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.spec = ModelSpec.from_hf_config(self.hf_config)
+        s = self.spec
+        self.shard = None if tp is None else Shard.of(tp.rank, tp.size, s.num_heads, s.num_kv_heads, s.intermediate_size, s.vocab_size)
+        # what this process holds: every head, or its rank's share
+        # query heads eviction sees (with replicated KV heads, the whole group of this rank's KV head)
+        self.local_heads = s.num_heads if self.shard is None else self.shard.proj_heads
+        self.local_kv_heads = s.num_kv_heads if self.shard is None else self.shard.num_kv_heads
         inv_freq, scale = rope_inv_freq(self.hf_config, self.spec.head_dim)
         backend = config.attention_backend
         if backend == "triton" and not (HAS_TRITON and self.device.type == "cuda"):
@@ -61,13 +71,15 @@ class ModelRunner:
         # Build on the meta device and allocate once in the target dtype: no float32 copy of
         # an 8B model, no init kernels for weights that are overwritten anyway.
         with torch.device("meta"):
-            model = DecoderModel(self.spec, inv_freq, scale, fused_ops=self.fused_ops).to(dtype=self.dtype)
+            model = DecoderModel(self.spec, inv_freq, scale, fused_ops=self.fused_ops, tp=tp, shard=self.shard).to(dtype=self.dtype)
         model.to_empty(device=self.device)
         model.rotary.inv_freq = inv_freq.to(self.device)  # RoPE frequencies stay float32
         with torch.no_grad():
             if load_weights:
                 model.load_hf_weights(load_weights_source(str(model_path)))
             else:  # random weights for benchmarks ("dummy" load, as vLLM calls it)
+                if tp is not None:  # the same random shard on a rank whatever the process
+                    torch.manual_seed(1000 + tp.rank)
                 for name, p in model.named_parameters():
                     if p.dim() >= 2:
                         p.normal_(0.0, 0.02)
@@ -82,7 +94,7 @@ class ModelRunner:
 
     def kv_bytes_per_token(self) -> int:
         s = self.spec
-        return KVCache.bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, self.dtype)
+        return KVCache.bytes_per_token(s.num_layers, self.local_kv_heads, s.head_dim, self.dtype)
 
     def pool_tokens(self, max_useful_tokens: int) -> int:
         """Capacity from the config: given, or a fraction of free memory after the weights."""
@@ -98,22 +110,35 @@ class ModelRunner:
             free = _available_ram()
             avail = min(int(free * cc.memory_fraction), _CPU_POOL_CAP)
         tokens = min(avail // per_token, max_useful_tokens)
+        if self.tp is not None:  # every rank's scheduler must see the same pool: the smallest
+            tokens = min(v[0] for v in self.tp.agree(tokens))
         if tokens < cc.block_size:
             raise RuntimeError(f"no memory left for the KV pool ({avail / 2**20:.0f} MiB available)")
         return tokens
 
     def allocate_cache(self, num_tokens: int) -> KVCache:
         s, bs = self.spec, self.config.cache.block_size
-        cache = KVCache(s.num_layers, s.num_kv_heads, s.head_dim, num_tokens // bs, bs, self.dtype, self.device)
+        cache = KVCache(s.num_layers, self.local_kv_heads, s.head_dim, num_tokens // bs, bs, self.dtype, self.device)
         log.info("KV pool: %d tokens per layer (%.2f GiB)", cache.capacity_tokens, cache.capacity_tokens * self.kv_bytes_per_token() / 2**30)
+        if self.tp is not None and self.config.cache.host_kv_tokens is None:
+            # the host store is made on first use, which happens on rank 0 (add_request) before
+            # the workers (next step): agree on its size now, while every rank is here
+            self._host_tokens = min(v[0] for v in self.tp.agree(self._default_host_tokens(cache.capacity_tokens)))
         return cache
+
+    def _default_host_tokens(self, gpu_pool_tokens: int) -> int:
+        """A quarter of the host's available RAM (shared by the ranks on it), at most the pool."""
+        per_token = self.kv_bytes_per_token() + 4 * self.spec.num_layers * self.local_kv_heads
+        ranks = 1 if self.tp is None else self.tp.size
+        return min(gpu_pool_tokens, _available_ram() // 4 // ranks // per_token)
 
     def allocate_host_store(self, gpu_pool_tokens: int) -> HostKVStore:
         s = self.spec
         tokens = self.config.cache.host_kv_tokens
         if tokens is None:
-            tokens = min(gpu_pool_tokens, _available_ram() // 4 // (self.kv_bytes_per_token() + 4 * s.num_layers * s.num_kv_heads))
-        store = HostKVStore(s.num_layers, s.num_kv_heads, s.head_dim, tokens, self.dtype, self.device, self.config.cache.recall_stage_tokens)
+            # tensor parallel: agreed by the ranks (ranks on one host share its RAM)
+            tokens = self._default_host_tokens(gpu_pool_tokens) if self.tp is None else self._host_tokens
+        store = HostKVStore(s.num_layers, self.local_kv_heads, s.head_dim, tokens, self.dtype, self.device, self.config.cache.recall_stage_tokens)
         log.info("recall host store: %d tokens per layer (%.2f GiB, pinned=%s)", store.capacity_tokens, store.capacity_tokens * self.kv_bytes_per_token() / 2**30, store.pin_memory)
         return store
 
@@ -173,7 +198,7 @@ class ModelRunner:
         if any(r.policy is not None for r in requests):
             spec = self.spec
             ev = self.config.eviction
-            evictor = Evictor(cache, spec.num_layers, spec.num_heads, ev.evict_decode_every, windows, self.dtype, host, ev.recall_attention)
+            evictor = Evictor(cache, spec.num_layers, self.local_heads, ev.evict_decode_every, windows, self.dtype, host, ev.recall_attention)
             if not evictor.plan(requests, num_new, positions, meta.query_start):
                 evictor = None
         graphs = self.graphs

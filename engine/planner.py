@@ -71,11 +71,16 @@ def make_plan(
     reserve_gb: float = 2.0,
     block_size: int = 16,
     evict_decode_every: int = 0,
+    tensor_parallel_size: int = 1,
 ) -> Plan:
-    """``reserve_gb``: activations and allocator slack kept out of the pool."""
+    """``reserve_gb``: activations and allocator slack kept out of the pool.
+    ``tensor_parallel_size``: one GPU's share (its KV heads, about 1/N of the weights); the
+    batch sizes are the engine's, every GPU holding its heads of every request."""
     elem = torch.empty((), dtype=dtype).element_size()
-    per_token = KVCache.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype)
-    weights = weight_bytes(spec, elem)
+    tp = tensor_parallel_size
+    kv_heads = spec.num_kv_heads if tp == 1 else max(1, spec.num_kv_heads // tp)
+    per_token = KVCache.bytes_per_token(spec.num_layers, kv_heads, spec.head_dim, dtype)
+    weights = -(-weight_bytes(spec, elem) // tp)
     pool = max(0, int(gpu_mem_gb * 1e9) - weights - int(reserve_gb * 2**30))
     pool_tokens = pool // per_token // block_size * block_size
 

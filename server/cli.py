@@ -52,6 +52,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="decode tokens reserved per request at admission (default: all max_tokens, never preempts); "
                         "fewer admits more and preempts (recompute) when the pool runs out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over N devices, one process each (rank 0 is the engine core; see docs/ARCHITECTURE.md)")
+    p.add_argument("--tp-timeout", dest="tp_timeout_s", type=float, default=120.0,
+                   help="tensor parallel: seconds a collective may take before the engine fails (a dead or hung rank)")
     p.add_argument("--grammar-cache-size", type=int, default=64, help="compiled grammars kept for structured outputs (LRU)")
     p.add_argument("--json-any-whitespace", action=argparse.BooleanOptionalAction, default=False,
                    help="structured JSON outputs may put any whitespace between tokens (vLLM's default); off: compact JSON")
@@ -83,6 +87,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         async_scheduling=args.async_scheduling,
         seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        tp_timeout_s=args.tp_timeout_s,
         decode_reserve_tokens=args.decode_reserve_tokens,
         grammar_cache_size=args.grammar_cache_size,
         json_any_whitespace=args.json_any_whitespace,
@@ -236,8 +242,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, torch.device("cuda"))
     plan = make_plan(
         spec, args.gpu_mem_gb, args.prompt_len, args.max_tokens, args.budget, args.chunk, dtype,
-        reserve_gb=args.reserve_gb, evict_decode_every=args.evict_decode_every,
+        reserve_gb=args.reserve_gb, evict_decode_every=args.evict_decode_every, tensor_parallel_size=args.tensor_parallel_size,
     )
+    if args.tensor_parallel_size > 1:
+        print(f"tensor parallel over {args.tensor_parallel_size} GPUs: per GPU below (its KV heads, 1/{args.tensor_parallel_size} of the weights)")
     print(f"{args.prompt_len}-token prompts -> {args.max_tokens} tokens, chunk {args.chunk}, {args.gpu_mem_gb:g} GB GPU, {dtype}")
     print(plan.table())
     return 0
@@ -267,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
     pl.add_argument("--reserve-gb", type=float, default=2.0, help="GPU memory kept for activations")
     pl.add_argument("--evict-decode-every", type=int, default=0)
+    pl.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is sharded over")
     pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")

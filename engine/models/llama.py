@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchmax.engine.fused_ops import rms_norm, rotary_qk, silu_mul
+from batchmax.engine.parallel import Shard, TPGroup
 
 
 @dataclass(frozen=True)
@@ -113,21 +114,28 @@ class Rotary(nn.Module):
 class AttentionContext(Protocol):
     """What a layer needs from the step: attention over the request's cache plus new tokens."""
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (N, H_q, D), k and v (N, H_kv, D), post-RoPE -> (N, H_q, D)."""
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_score: torch.Tensor | None = None) -> torch.Tensor:
+        """q (N, H_q, D), k and v (N, H_kv, D), post-RoPE -> (N, H_q, D). ``q_score``: the
+        queries eviction scores with, when they are not ``q`` (tensor parallel, replicated KV heads)."""
         ...
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_idx: int, fused: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, layer_idx: int, fused: bool = False, tp: TPGroup | None = None, shard: Shard | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.fused = fused
+        self.tp = tp
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.proj_heads, self.attn_offset = self.num_heads, 0
+        if shard is not None:  # column-parallel q/k/v: this rank's heads; row-parallel o_proj
+            self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
+            self.proj_heads, self.attn_offset = shard.proj_heads, shard.attn_head_offset
+        self.q_size = self.num_heads * spec.head_dim
+        self.proj_q_size = self.proj_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
         # fused q/k/v projection: one matmul instead of three
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.proj_q_size + 2 * self.kv_size, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, fused)
@@ -137,37 +145,52 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.proj_q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.proj_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # fused: in place on the projection's output (q and k are views of it), one launch
         q, k = rotary_qk(q, k, cos, sin, self.fused)
-        out = ctx.attend(self.layer_idx, q, k, v)  # (N, H_q, D)
-        return self.o_proj(out.reshape(n, self.q_size))
+        if self.proj_heads != self.num_heads:  # replicated KV head: attend with this rank's heads
+            out = ctx.attend(self.layer_idx, q[:, self.attn_offset : self.attn_offset + self.num_heads], k, v, q_score=q)
+        else:
+            out = ctx.attend(self.layer_idx, q, k, v)  # (N, H_q, D)
+        if self.tp is None:
+            return self.o_proj(out.reshape(n, self.q_size))
+        return _row_parallel(self.o_proj, out.reshape(n, self.q_size), self.tp)
+
+
+def _row_parallel(linear: nn.Linear, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """A row-parallel linear: this rank's partial product, summed over the ranks, then the
+    (replicated) bias once."""
+    out = tp.all_reduce(F.linear(x, linear.weight))
+    return out if linear.bias is None else out + linear.bias
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, fused: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, fused: bool = False, tp: TPGroup | None = None, shard: Shard | None = None) -> None:
         super().__init__()
         self.fused = fused
-        self.inter = spec.intermediate_size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.tp = tp
+        self.inter = spec.intermediate_size if shard is None else shard.inter_size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * self.inter, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(self.inter, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x), self.fused))
+        if self.tp is None:
+            return self.down_proj(silu_mul(self.gate_up_proj(x), self.fused))
+        return _row_parallel(self.down_proj, silu_mul(self.gate_up_proj(x), self.fused), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_idx: int, fused: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, layer_idx: int, fused: bool = False, tp: TPGroup | None = None, shard: Shard | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, fused)
-        self.self_attn = Attention(spec, layer_idx, fused)
+        self.self_attn = Attention(spec, layer_idx, fused, tp, shard)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, fused)
-        self.mlp = MLP(spec, fused)
+        self.mlp = MLP(spec, fused, tp, shard)
 
     def forward(self, x, residual, cos, sin, ctx):
         """(x, residual) -> (x, residual): the residual add is fused into the next norm, so
@@ -182,20 +205,35 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, spec: ModelSpec, inv_freq: torch.Tensor, rope_scale: float = 1.0, fused_ops: bool = False) -> None:
+    def __init__(
+        self, spec: ModelSpec, inv_freq: torch.Tensor, rope_scale: float = 1.0, fused_ops: bool = False,
+        tp: TPGroup | None = None, shard: Shard | None = None,
+    ) -> None:
         """``fused_ops``: RMSNorm (+ residual add), RoPE and SiLU x up run as Triton kernels
-        (engine/fused_ops.py; CUDA) instead of their torch reference."""
+        (engine/fused_ops.py; CUDA) instead of their torch reference. ``tp`` and ``shard``:
+        this rank's share of a tensor-parallel model (``engine/parallel.py``); None: the whole."""
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, fused_ops) for i in range(spec.num_layers))
+        self.tp, self.shard = tp, shard
+        vocab = spec.vocab_size if shard is None else shard.vocab_size
+        self.embed_tokens = nn.Embedding(vocab, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, fused_ops, tp, shard) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, fused_ops)
-        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, vocab, bias=False)
         self.rotary = Rotary(inv_freq, rope_scale)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        # vocab-parallel: this rank's ids looked up, zeros for the others', summed over ranks
+        local = input_ids - self.shard.vocab_start
+        mine = (local >= 0) & (local < self.shard.vocab_valid)
+        x = self.embed_tokens(torch.where(mine, local, 0)) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        return self.tp.all_reduce(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids, positions (N,) -> final hidden states (N, hidden)."""
-        x = self.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         residual = None
         for layer in self.layers:
@@ -207,7 +245,11 @@ class DecoderModel(nn.Module):
         (at batch 256 and a 128k vocabulary that copy is 200 MB of traffic per step); the
         sampler and the logprobs cast the rows that need it."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.tp is None:
+            return F.linear(hidden, weight)
+        # vocab-parallel LM head: every rank its slice, gathered so each holds the full logits
+        full = self.tp.all_gather_last(F.linear(hidden, weight))
+        return full[:, : self.spec.vocab_size]
 
     # ---- weights -------------------------------------------------------------------------
 
@@ -216,38 +258,63 @@ class DecoderModel(nn.Module):
         """Copy a Hugging Face state dict (``model.layers.0.self_attn.q_proj.weight``...)
         into the fused layout. ``tensors`` maps names to tensors (lazily is fine)."""
         loaded: set[str] = set()
+        sh = self.shard
+        # Tensor parallel: this rank's slice of a tensor (``src_slice``: (dim, start, length)),
+        # read alone from safetensors (``SafetensorsDir.read_slice``), else cut from the whole.
 
-        def put(dst: torch.Tensor, name: str, rows: slice | None = None) -> None:
-            src = tensors[name]
+        def put(dst: torch.Tensor, name: str, rows: slice | None = None, src_slice: tuple[int, int, int] | None = None) -> None:
+            if src_slice is None:
+                src = tensors[name]
+            elif hasattr(tensors, "read_slice"):
+                src = tensors.read_slice(name, *src_slice)
+            else:
+                src = tensors[name].narrow(*src_slice)
             (dst if rows is None else dst[rows]).copy_(src.to(dst.dtype))
             loaded.add(name)
 
-        put(self.embed_tokens.weight, "model.embed_tokens.weight")
+        def vocab_put(dst: torch.Tensor, name: str) -> None:
+            if sh is None:
+                return put(dst, name)
+            dst.zero_()  # the padded rows of the last slice
+            put(dst, name, slice(0, sh.vocab_valid), (0, sh.vocab_start, sh.vocab_valid))
+
+        d = self.spec.head_dim
+        if sh is None:
+            q_src = k_src = o_src = gu_src = down_src = None
+        else:
+            q_src = (0, sh.proj_head_start * d, sh.proj_heads * d)
+            k_src = (0, sh.kv_head_start * d, sh.num_kv_heads * d)
+            o_src = (1, sh.q_head_start * d, sh.num_heads * d)
+            gu_src = (0, sh.inter_start, sh.inter_size)
+            down_src = (1, sh.inter_start, sh.inter_size)
+        vocab_put(self.embed_tokens.weight, "model.embed_tokens.weight")
         put(self.norm.weight, "model.norm.weight")
         if self.lm_head is not None:
-            put(self.lm_head.weight, "lm_head.weight")
+            vocab_put(self.lm_head.weight, "lm_head.weight")
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             a = layer.self_attn
-            q, kv = a.q_size, a.kv_size
-            parts = (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv)))
-            for proj, rows in parts:
-                put(a.qkv_proj.weight, f"{p}self_attn.{proj}.weight", rows)
+            q, kv = a.proj_q_size, a.kv_size
+            parts = (
+                ("q_proj", slice(0, q), q_src), ("k_proj", slice(q, q + kv), k_src), ("v_proj", slice(q + kv, q + 2 * kv), k_src),
+            )
+            for proj, rows, src in parts:
+                put(a.qkv_proj.weight, f"{p}self_attn.{proj}.weight", rows, src)
                 if a.qkv_proj.bias is not None:
-                    put(a.qkv_proj.bias, f"{p}self_attn.{proj}.bias", rows)
-            put(a.o_proj.weight, f"{p}self_attn.o_proj.weight")
+                    put(a.qkv_proj.bias, f"{p}self_attn.{proj}.bias", rows, src)
+            put(a.o_proj.weight, f"{p}self_attn.o_proj.weight", None, o_src)
             if a.o_proj.bias is not None:
                 put(a.o_proj.bias, f"{p}self_attn.o_proj.bias")
             if a.q_norm is not None:
                 put(a.q_norm.weight, f"{p}self_attn.q_norm.weight")
                 put(a.k_norm.weight, f"{p}self_attn.k_norm.weight")
             m, inter = layer.mlp, layer.mlp.inter
-            put(m.gate_up_proj.weight, f"{p}mlp.gate_proj.weight", slice(0, inter))
-            put(m.gate_up_proj.weight, f"{p}mlp.up_proj.weight", slice(inter, 2 * inter))
-            put(m.down_proj.weight, f"{p}mlp.down_proj.weight")
+            put(m.gate_up_proj.weight, f"{p}mlp.gate_proj.weight", slice(0, inter), gu_src)
+            put(m.gate_up_proj.weight, f"{p}mlp.up_proj.weight", slice(inter, 2 * inter), gu_src)
+            put(m.down_proj.weight, f"{p}mlp.down_proj.weight", None, down_src)
             if m.down_proj.bias is not None:
-                put(m.gate_up_proj.bias, f"{p}mlp.gate_proj.bias", slice(0, inter))
-                put(m.gate_up_proj.bias, f"{p}mlp.up_proj.bias", slice(inter, 2 * inter))
+                put(m.gate_up_proj.bias, f"{p}mlp.gate_proj.bias", slice(0, inter), gu_src)
+                put(m.gate_up_proj.bias, f"{p}mlp.up_proj.bias", slice(inter, 2 * inter), gu_src)
                 put(m.down_proj.bias, f"{p}mlp.down_proj.bias")
             put(layer.input_layernorm.weight, f"{p}input_layernorm.weight")
             put(layer.post_attention_layernorm.weight, f"{p}post_attention_layernorm.weight")
@@ -271,6 +338,15 @@ class SafetensorsDir:
         if name not in self._files:
             raise KeyError(f"checkpoint has no tensor {name!r}")
         return self._files[name].get_tensor(name)
+
+    def read_slice(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        """``self[name].narrow(dim, start, length)``, reading only that part of the file
+        (a tensor-parallel rank's shard)."""
+        if name not in self._files:
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+        part = self._files[name].get_slice(name)
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return part[index]
 
 
 def load_weights_source(path: str) -> Any:
