@@ -187,17 +187,23 @@ def test_preemption_keeps_ranks_consistent(tiny_llama):
         two.shutdown()
 
 
+def _poisoned_steps_raise(engine, seed: int, within_s: float) -> None:
+    """A request whose prompt holds ``POISON`` (the fault injection's token) is stepped until
+    the engine raises ``TPError``, which must come within ``within_s`` (no hang)."""
+    prompt = random_prompts([40], seed=seed)[0]
+    prompt[5] = POISON
+    engine.add_request("x", prompt, SamplingParams(max_tokens=4, temperature=0.0))
+    t = time.monotonic()
+    with pytest.raises(TPError):
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert time.monotonic() - t < within_s
+
+
 def test_dead_rank_raises_instead_of_hanging(tiny_llama):
     two = _engine(tiny_llama, 2, debug_fail_step_token=POISON, debug_exit_rank=1, tp_timeout_s=30)
     try:
-        prompt = random_prompts([40], seed=16)[0]
-        prompt[5] = POISON
-        two.add_request("x", prompt, SamplingParams(max_tokens=4, temperature=0.0))
-        t = time.monotonic()
-        with pytest.raises(TPError):
-            while two.has_unfinished_requests():
-                two.step()
-        assert time.monotonic() - t < 40
+        _poisoned_steps_raise(two, seed=16, within_s=40)
         with pytest.raises(TPError, match="rank 1 died"):
             two.step()  # and every later step says which rank is gone
     finally:
@@ -380,13 +386,6 @@ def test_a_step_failing_on_one_rank_only_is_detected(tiny_llama):
     and the engine raises ``TPError`` rather than hanging or going on with different states."""
     two = _engine(tiny_llama, 2, debug_fail_step_token=POISON, debug_raise_rank=1, tp_timeout_s=8)
     try:
-        prompt = random_prompts([40], seed=22)[0]
-        prompt[5] = POISON
-        two.add_request("x", prompt, SamplingParams(max_tokens=4, temperature=0.0))
-        t = time.monotonic()
-        with pytest.raises(TPError):
-            while two.has_unfinished_requests():
-                two.step()
-        assert time.monotonic() - t < 30
+        _poisoned_steps_raise(two, seed=22, within_s=30)
     finally:
         two.shutdown()
