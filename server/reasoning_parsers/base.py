@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from batchmax.server.tool_parsers.base import held_prefix
+from batchmax.server.tool_parsers.base import until_tag
 
 THINK, END_THINK = "<think>", "</think>"
 
@@ -39,12 +39,9 @@ class ReasoningParser:
             else:
                 self.state = "reasoning" if self.starts_in_reasoning else "content"
         if self.state == "reasoning":
-            i = self.buf.find(END_THINK)
-            if i < 0:
-                keep = held_prefix(self.buf, END_THINK)
-                reasoning, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+            reasoning, self.buf, found = until_tag(self.buf, END_THINK)
+            if not found:
                 return reasoning, ""
-            reasoning, self.buf = self.buf[:i], self.buf[i + len(END_THINK):]
             self.state = "content"
         if self.state == "content":
             content, self.buf = self.buf, ""

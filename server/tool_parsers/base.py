@@ -79,6 +79,17 @@ def held_prefix(text: str, tag: str) -> int:
     return 0
 
 
+def until_tag(buf: str, tag: str) -> tuple[str, str, bool]:
+    """Split text still arriving at the first ``tag``: (the text before it, what follows it,
+    True); without the tag, (the text that cannot be part of one, the held-back end that
+    might begin it, False)."""
+    i = buf.find(tag)
+    if i < 0:
+        keep = held_prefix(buf, tag)
+        return buf[: len(buf) - keep], buf[len(buf) - keep :], False
+    return buf[:i], buf[i + len(tag) :], True
+
+
 class ToolParser:
     """One model family's tool-call syntax. Subclasses set ``name`` and ``markers`` (strings
     whose presence in a chat template identifies the family) and implement ``feed`` and

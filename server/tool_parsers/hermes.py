@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from batchmax.server.tool_parsers.base import Content, Event, ToolParser, call_from_json, held_prefix
+from batchmax.server.tool_parsers.base import Content, Event, ToolParser, call_from_json, until_tag
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -28,16 +28,11 @@ class HermesToolParser(ToolParser):
         out: list[Event] = []
         while True:
             if not self.in_call:
-                i = self.buf.find(OPEN)
-                if i < 0:
-                    keep = held_prefix(self.buf, OPEN)
-                    if len(self.buf) > keep:
-                        out.append(Content(self.buf[: len(self.buf) - keep]))
-                        self.buf = self.buf[len(self.buf) - keep:]
+                text, self.buf, found = until_tag(self.buf, OPEN)
+                if text:
+                    out.append(Content(text))
+                if not found:
                     return out
-                if i:
-                    out.append(Content(self.buf[:i]))
-                self.buf = self.buf[i + len(OPEN):]
                 self.in_call = True
             else:
                 j = self.buf.find(CLOSE)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 
-from batchmax.server.tool_parsers.base import Call, Content, Event, ToolParser, call_from_json, held_prefix, random_alnum
+from batchmax.server.tool_parsers.base import Call, Content, Event, ToolParser, call_from_json, random_alnum, until_tag
 from batchmax.server.tool_parsers.json_scan import JsonEnd
 
 MARK, ARGS = "[TOOL_CALLS]", "[ARGS]"
@@ -46,16 +46,11 @@ class MistralToolParser(ToolParser):
     def _step(self, out: list[Event]) -> bool:
         """One transition; False when it needs more text."""
         if self.state == "text":
-            i = self.buf.find(MARK)
-            if i < 0:
-                keep = held_prefix(self.buf, MARK)
-                if len(self.buf) > keep:
-                    out.append(Content(self.buf[: len(self.buf) - keep]))
-                    self.buf = self.buf[len(self.buf) - keep:]
+            text, self.buf, found = until_tag(self.buf, MARK)
+            if text:
+                out.append(Content(text))
+            if not found:
                 return False
-            if i:
-                out.append(Content(self.buf[:i]))
-            self.buf = self.buf[i + len(MARK):]
             self.state = "after_mark"
             return True
         if self.state == "after_mark":
@@ -76,14 +71,12 @@ class MistralToolParser(ToolParser):
             self.state, self.scan = "text", None
             return True
         if self.state == "name":
-            i = self.buf.find(ARGS)
-            if i < 0:  # a name so far (and perhaps the start of [ARGS]): wait
-                head = self.buf[: len(self.buf) - held_prefix(self.buf, ARGS)]
+            head, rest, found = until_tag(self.buf, ARGS)
+            if not found:  # a name so far (and perhaps the start of [ARGS]): wait
                 if head == "" or _NAME.fullmatch(head):
                     return False
-            elif _NAME.fullmatch(self.buf[:i].strip()):
-                self.fn = self.buf[:i].strip()
-                self.buf = self.buf[i + len(ARGS):]
+            elif _NAME.fullmatch(head.strip()):
+                self.fn, self.buf = head.strip(), rest
                 self.state, self.scan = "args", None
                 return True
             out.append(Content(MARK + self.buf))  # not a function name: what came is text
