@@ -332,48 +332,31 @@ def _spawned_children(pid: int) -> list[int]:
     """The multiprocessing-spawned children of ``pid`` (the TP workers, not its resource tracker)."""
     from pathlib import Path
 
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for k in (task / "children").read_text().split():
-            cmd = Path(f"/proc/{k}/cmdline").read_bytes()
-            if b"spawn_main" in cmd:
-                kids.append(int(k))
-    return kids
+    from tests.server.conftest import child_pids
+
+    return [k for k in child_pids(pid) if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
 def test_server_rank_killed_mid_stream_fails_it_and_health(tiny_llama, tmp_path_factory):
     """``batchmax serve --tensor-parallel-size 2``: rank 1 killed while a request streams; the
     stream ends with an engine error naming the rank, /health turns 503, new requests get 503."""
     import json
-    import signal
 
     import httpx
 
-    from tests.server.conftest import start_server
+    from tests.server.conftest import child_pids, start_server, stream_and_kill, wait_unhealthy
 
     srv = start_server(tiny_llama, tmp_path_factory, "--max-num-seqs", "4", "--tensor-parallel-size", "2", "--tp-timeout", "30",
                        "--kv-tokens", "4096")
     try:
         assert httpx.get(srv.url + "/health").status_code == 200
-        (core_pid,) = [int(k) for t in os.listdir(f"/proc/{srv.proc.pid}/task")
-                       for k in open(f"/proc/{srv.proc.pid}/task/{t}/children").read().split()]
+        (core_pid,) = child_pids(srv.proc.pid)
         (worker,) = _spawned_children(core_pid)  # rank 1; rank 0 is the engine core
-        body = {"model": "tiny_llama0", "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
-        events = []
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=90) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 3:
-                        os.kill(worker, signal.SIGKILL)
+        events = stream_and_kill(srv.url, worker, timeout=90)
         assert events[-1] == "[DONE]"
         err = json.loads(events[-2])
         assert err["error"]["code"] == "engine_error" and "rank 1" in err["error"]["message"]
-        deadline = time.monotonic() + 20
-        while httpx.get(srv.url + "/health").status_code == 200:
-            assert time.monotonic() < deadline, "/health still 200 after a rank died"
-            time.sleep(0.1)
+        wait_unhealthy(srv.url, 20, "a rank died")
         assert httpx.get(srv.url + "/health").status_code == 503
         r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny_llama0", "prompt": [5, 6], "max_tokens": 2})
         assert r.status_code == 503

@@ -118,6 +118,35 @@ def wait_access(caplog, *request_ids: str, timeout: float = 10.0) -> dict[str, l
         time.sleep(0.01)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The children of process ``pid`` (from /proc)."""
+    return [int(k) for task in Path(f"/proc/{pid}/task").iterdir() for k in (task / "children").read_text().split()]
+
+
+def stream_and_kill(url: str, pid: int, timeout: float) -> list[str]:
+    """A long streamed completion on the tiny model; process ``pid`` is SIGKILLed at its third
+    event. Returns the data of every event."""
+    body = {"model": "tiny_llama0", "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    events = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if len(events) == 3:
+                os.kill(pid, signal.SIGKILL)
+    return events
+
+
+def wait_unhealthy(url: str, within_s: float, why: str) -> None:
+    """Poll /health until it stops answering 200, failing after ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while httpx.get(url + "/health").status_code == 200:
+        assert time.monotonic() < deadline, f"/health still 200 after {why}"
+        time.sleep(0.1)
+
+
 def start_server(tiny_llama, tmp_path_factory, *extra: str) -> ServerProc:
     log = tmp_path_factory.mktemp("server") / "server.log"
     srv = ServerProc(tiny_llama, log, *extra)

@@ -8,8 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,7 +17,7 @@ from batchmax.engine import EngineConfig, SamplingParams
 from batchmax.engine.async_engine import EngineDeadError
 from batchmax.engine.core_client import EngineCoreClient
 from tests.helpers import stream_all
-from tests.server.conftest import start_server
+from tests.server.conftest import child_pids, start_server, stream_and_kill, wait_unhealthy
 
 
 @pytest.fixture(scope="module")
@@ -64,36 +62,17 @@ def test_a_rejected_add_raises_and_leaves_nothing(core):
     assert asyncio.run(run()) == 0
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(k) for k in (task / "children").read_text().split()]
-    return kids
-
-
 @pytest.mark.timeout(300)
 def test_a_dead_core_fails_inflight_requests_and_health(tiny_llama, tmp_path_factory):
     srv = start_server(tiny_llama, tmp_path_factory, "--max-num-seqs", "4")
     try:
         assert httpx.get(srv.url + "/health").status_code == 200
-        (core_pid,) = _children(srv.proc.pid)
-        body = {"model": "tiny_llama0", "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
-        events = []
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                events.append(line[6:])
-                if len(events) == 3:
-                    os.kill(core_pid, signal.SIGKILL)
+        (core_pid,) = child_pids(srv.proc.pid)
+        events = stream_and_kill(srv.url, core_pid, timeout=60)
         assert events[-1] == "[DONE]"
         err = json.loads(events[-2])
         assert err["error"]["code"] == "engine_error" and "engine core process died" in err["error"]["message"]
-        deadline = time.monotonic() + 10
-        while httpx.get(srv.url + "/health").status_code == 200:
-            assert time.monotonic() < deadline, "/health still 200 after the core died"
-            time.sleep(0.1)
+        wait_unhealthy(srv.url, 10, "the core died")
         h = httpx.get(srv.url + "/health")
         assert h.status_code == 503 and h.json()["status"] == "engine stopped"
         r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny_llama0", "prompt": [5, 6], "max_tokens": 2})
