@@ -51,8 +51,34 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(default_model_dir())
 
 
-def bench_xgrammar(tok, ids: list[int], repeats: int) -> dict:
+def _fill_times(new_matcher, fill, accept, ids: list[int], repeats: int, why=lambda m: "document rejected") -> list[float]:
+    """Seconds of each per-token mask fill while a fresh matcher walks the document ``ids``,
+    ``repeats`` times (``accept(m, t)`` must accept every token; ``why(m)`` says why not)."""
+    fills = []
+    for _ in range(repeats):
+        m = new_matcher()
+        for t in ids:
+            t0 = time.perf_counter()
+            fill(m)
+            fills.append(time.perf_counter() - t0)
+            assert accept(m, t), why(m)
+    return fills
+
+
+def _apply_time(apply, bitmask, vocab: int) -> float:
+    """Mean seconds of the library's in-place apply of a 1-row bitmask repeated over (8, V)
+    float32 logits on the CPU."""
     import torch
+
+    logits = torch.randn(8, vocab)
+    mask8 = bitmask.repeat(8, 1)
+    t0 = time.perf_counter()
+    for _ in range(100):
+        apply(logits, mask8)
+    return (time.perf_counter() - t0) / 100
+
+
+def bench_xgrammar(tok, ids: list[int], repeats: int) -> dict:
     import xgrammar as xgr
 
     t0 = time.perf_counter()
@@ -71,20 +97,9 @@ def bench_xgrammar(tok, ids: list[int], repeats: int) -> dict:
     compiler.compile_json_schema(text, any_whitespace=False, separators=(",", ":"))
     warm = time.perf_counter() - t0
     bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
-    fills = []
-    for _ in range(repeats):
-        m = xgr.GrammarMatcher(compiled)
-        for t in ids:
-            t0 = time.perf_counter()
-            m.fill_next_token_bitmask(bitmask, 0)
-            fills.append(time.perf_counter() - t0)
-            assert m.accept_token(t), "document rejected"
-    logits = torch.randn(8, info.vocab_size)
-    mask8 = bitmask.repeat(8, 1)
-    t0 = time.perf_counter()
-    for _ in range(100):
-        xgr.apply_token_bitmask_inplace(logits, mask8)
-    apply_s = (time.perf_counter() - t0) / 100
+    fills = _fill_times(lambda: xgr.GrammarMatcher(compiled), lambda m: m.fill_next_token_bitmask(bitmask, 0),
+                        lambda m, t: m.accept_token(t), ids, repeats)
+    apply_s = _apply_time(xgr.apply_token_bitmask_inplace, bitmask, info.vocab_size)
     return {"engine": f"xgrammar {version('xgrammar')}", "tokenizer_info_s": info_s, "compile_cold_s": cold,
             "compile_warm_s": warm, "fill_s": fills, "apply8_s": apply_s}
 
@@ -93,7 +108,6 @@ def bench_llguidance(tok, ids: list[int], repeats: int) -> dict:
     import llguidance as llg
     import llguidance.hf
     import llguidance.torch as lt
-    import torch
 
     t0 = time.perf_counter()
     lltok = llguidance.hf.from_tokenizer(tok, n_vocab=len(tok))
@@ -106,20 +120,9 @@ def bench_llguidance(tok, ids: list[int], repeats: int) -> dict:
         cold.append(time.perf_counter() - t0)
         assert not m.is_error(), m.get_error()
     bitmask = lt.allocate_token_bitmask(1, lltok.vocab_size)
-    fills = []
-    for _ in range(repeats):
-        m = llg.LLMatcher(lltok, grammar)
-        for t in ids:
-            t0 = time.perf_counter()
-            lt.fill_next_token_bitmask(m, bitmask, 0)
-            fills.append(time.perf_counter() - t0)
-            assert m.consume_token(t), m.get_error()
-    logits = torch.randn(8, lltok.vocab_size)
-    mask8 = bitmask.repeat(8, 1)
-    t0 = time.perf_counter()
-    for _ in range(100):
-        lt.apply_token_bitmask_inplace(logits, mask8)
-    apply_s = (time.perf_counter() - t0) / 100
+    fills = _fill_times(lambda: llg.LLMatcher(lltok, grammar), lambda m: lt.fill_next_token_bitmask(m, bitmask, 0),
+                        lambda m, t: m.consume_token(t), ids, repeats, why=lambda m: m.get_error())
+    apply_s = _apply_time(lt.apply_token_bitmask_inplace, bitmask, lltok.vocab_size)
     return {"engine": f"llguidance {version('llguidance')}", "tokenizer_info_s": info_s,
             "compile_cold_s": cold, "compile_warm_s": None, "fill_s": fills, "apply8_s": apply_s}
 
