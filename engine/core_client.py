@@ -180,7 +180,9 @@ class EngineCoreClient(StreamingEngine):
             return
         self._stopped = True
         if self._proc.poll() is None:
-            self._send(StopMsg())
+            # Never blocks: a core that has closed its socket (it reported a fatal error and
+            # is exiting) leaves the PUSH socket without a peer, where a blocking send waits forever.
+            self._send(StopMsg(), block=False)
             try:
                 self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -198,11 +200,15 @@ class EngineCoreClient(StreamingEngine):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)
 
-    def _send(self, msg) -> None:
+    def _send(self, msg, block: bool = True) -> None:
         data = encoder.encode(msg)
         with self._send_lock:
-            if not self._push.closed:
-                self._push.send(data)
+            if self._push.closed or self._dead is not None:  # a dead core reads nothing: a send would wait forever
+                return
+            try:
+                self._push.send(data, flags=0 if block else zmq.NOBLOCK)
+            except zmq.Again:  # only without block: nobody is reading, which the caller handles
+                pass
 
     def _close(self) -> None:
         for s in (self._push, self._pull):

@@ -95,3 +95,34 @@ def test_dead_core_refuses_new_requests(tiny_llama):
         asyncio.run(run())
     finally:
         c.shutdown()
+
+
+def test_shutdown_never_waits_on_a_core_that_stopped_reading(tiny_llama):
+    """A core that reported a fatal error closes its socket before it exits; a front end
+    shutting down in that window must not block on the StopMsg (the PUSH socket has no
+    peer left, where a blocking send waits forever)."""
+    import threading
+
+    c = EngineCoreClient(EngineConfig.from_kwargs(model=str(tiny_llama), device="cpu", max_num_seqs=2, num_tokens=2048))
+    proc = c._proc
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+    class StillThere:  # the window: the socket is gone but the process has not been reaped
+        pid = proc.pid
+        returncode = None
+
+        def poll(self):
+            return None
+
+        def wait(self, timeout=None):
+            return proc.wait(timeout)
+
+        def kill(self):
+            pass
+
+    c._proc = StillThere()
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (c.shutdown(timeout=1), done.set()), daemon=True)
+    t.start()
+    assert done.wait(20), "shutdown blocked on the StopMsg"
