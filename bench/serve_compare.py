@@ -26,6 +26,7 @@ import sys
 import time
 import urllib.request
 
+from bench.engine_steps import from_metrics, scrape
 from bench.latency_report import table
 from bench.load_client import LoadConfig, run_load
 from bench.serve_load import http_summary, run_offline
@@ -89,6 +90,38 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+def core_pid(server_pid: int) -> int:
+    """The engine-core process that ``batchmax serve`` (pid ``server_pid``) started."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if ppid == server_pid and b"batchmax.engine.core_proc" in cmd:
+            return int(d)
+    raise RuntimeError(f"no engine-core process under pid {server_pid}")
+
+
+def start_py_spy(server_pid: int, out: str) -> subprocess.Popen:
+    """py-spy on the engine core, sampling without pausing it, until ``stop_py_spy``."""
+    cmd = ["py-spy", "record", "--pid", str(core_pid(server_pid)), "--rate", "100", "--nonblocking",
+           "--format", "speedscope", "--output", out]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_py_spy(spy: subprocess.Popen) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--make-model", default=None, metavar="DIR", help="write the random ~1.2B model to DIR and exit")
@@ -107,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--warmup-requests", type=int, default=64,
                    help="an untimed run of this many requests first, for every system (kernels compile on first use)")
+    p.add_argument("--py-spy", default=None, metavar="FILE",
+                   help="record the batchmax server's engine-core process with py-spy during the timed run (speedscope JSON)")
     p.add_argument("--log-dir", default=".")
     p.add_argument("--label", default="")
     p.add_argument("--json", default=None)
@@ -124,7 +159,7 @@ def main(argv=None) -> int:
         if system == "offline":
             engine_args = dict(num_tokens=a.kv_tokens)
             engine_args.update(_engine_args(a.batchmax_args))
-            s = run_offline(workload, a.model, engine_args, 0.0, True, warmup=warmup)
+            s, steps = run_offline(workload, a.model, engine_args, 0.0, True, warmup=warmup)
             s.label = "batchmax offline engine"
         else:
             if system == "batchmax":
@@ -140,13 +175,22 @@ def main(argv=None) -> int:
                 cfg = LoadConfig(url=url, model=name, concurrency=a.concurrency, temperature=0.0, ignore_eos=True, progress=False)
                 if warmup:
                     asyncio.run(run_load(cfg, warmup))
-                run = asyncio.run(run_load(cfg, workload))
+                before = scrape(url) if system == "batchmax" else None
+                spy = start_py_spy(proc.pid, a.py_spy) if system == "batchmax" and a.py_spy else None
+                try:
+                    run = asyncio.run(run_load(cfg, workload))
+                finally:
+                    if spy is not None:
+                        stop_py_spy(spy)
+                steps = from_metrics(before, scrape(url), run.duration) if system == "batchmax" else None
             finally:
                 stop_server(proc)
             s = http_summary(run, f"{system} server ({a.concurrency} clients)")
         print(f"  {system}: {s.as_dict().get('total_tok_per_s', 0):,.0f} total tok/s ({time.monotonic() - t0:.0f} s with start-up)", flush=True)
+        if steps is not None:  # the same workload's steps, server against offline engine (bench/engine_steps.py)
+            print(f"  {system} engine: {steps.line()}", flush=True)
         summaries.append(s)
-        records.append({"system": system, **s.as_dict()})
+        records.append({"system": system, **s.as_dict(), **({"engine_steps": steps.as_dict()} if steps else {})})
     print(f"\n{a.num_requests} requests, prompt {a.prompt_len}, output {a.output_len}, {a.concurrency} clients, "
           f"KV {a.kv_tokens} tokens, model {name} {a.label}")
     print(table(summaries))

@@ -29,6 +29,7 @@ import os
 import sys
 import time
 
+from bench.engine_steps import StepFigures, from_stats
 from bench.latency_report import Summary, Timing, summarize, table
 from bench.load_client import LoadConfig, LoadRun, run_load
 from bench.workload import LenDist, LoadRequest, make_workload
@@ -46,10 +47,11 @@ def http_summary(run: LoadRun, label: str = "server") -> Summary:
 
 
 def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dict, temperature: float, ignore_eos: bool,
-                warmup: list[LoadRequest] | None = None) -> Summary:
+                warmup: list[LoadRequest] | None = None) -> tuple[Summary, StepFigures]:
     """The same workload through ``LLMEngine`` directly: every request added at once, then
     stepped to the end, timing each request's tokens as the steps produce them. ``warmup``
-    runs first, untimed (kernels compile on first use of a shape)."""
+    runs first, untimed (kernels compile on first use of a shape). Also returns the run's
+    engine step figures."""
     from batchmax.engine import LLM, SamplingParams
 
     llm = LLM(model, **engine_args)
@@ -58,15 +60,18 @@ def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dic
     llm.generate([[100, 101, 102, 103]], warm)  # first-call costs stay out of the timing
     if warmup:
         llm.generate([r.prompt for r in warmup], [SamplingParams(max_tokens=r.max_tokens, temperature=temperature, ignore_eos=ignore_eos) for r in warmup])
+    stats0 = eng.stats()
     t0 = time.perf_counter()
     marks: dict[str, list[float]] = {}
     for i, req in enumerate(workload):
         eng.add_request(f"load-{i}", req.prompt, SamplingParams(max_tokens=req.max_tokens, temperature=temperature, ignore_eos=ignore_eos))
         marks[f"load-{i}"] = []
     finals = {}
+    tokens = 0
     while eng.has_unfinished_requests():
         outs = eng.step()
         now = time.perf_counter()
+        tokens += eng.stats().last_step_tokens
         for out in outs:
             m = marks.get(out.request_id)
             if m is None:
@@ -77,14 +82,15 @@ def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dic
     duration = time.perf_counter() - t0
     st = eng.stats()
     # recall that found no room in the host store ran plain eviction instead: say so beside the figure
-    print(f"offline engine: peak running batch {st.peak_running_batch_size}, recall fallbacks {st.num_recall_fallbacks_total}",
-          file=sys.stderr, flush=True)
+    steps = from_stats(stats0, st, tokens, duration)
+    print(f"offline engine: peak running batch {st.peak_running_batch_size}, recall fallbacks {st.num_recall_fallbacks_total}; "
+          f"{steps.line()}", file=sys.stderr, flush=True)
     timings = []
     for rid, m in marks.items():
         out, end = finals[rid]
         timings.append(Timing(m[0] - t0 if m else None, end - t0, [b - a for a, b in zip(m, m[1:])],
                               len(out.prompt_token_ids), len(out.token_ids)))
-    return summarize("offline engine", timings, 0, duration)
+    return summarize("offline engine", timings, 0, duration), steps
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
@@ -127,7 +133,7 @@ def main(argv=None, prog: str | None = None) -> int:
     for r in failures[:5]:
         print(f"request {r.index} failed: {r.error}", file=sys.stderr)
     if a.compare_offline:
-        summaries.append(run_offline(workload, a.model, a.engine_args, a.temperature, a.ignore_eos))
+        summaries.append(run_offline(workload, a.model, a.engine_args, a.temperature, a.ignore_eos)[0])
     print(f"\n{a.num_requests} requests, prompt {a.prompt_len} ({a.prompt_format}), output {a.output_len}, "
           f"concurrency {a.concurrency}, rate {a.request_rate:g}/s, model {run.model} at {cfg.url}")
     print(table(summaries))

@@ -270,9 +270,13 @@ class LLMEngine:
         """Schedule and launch one step, then report the step whose tokens are now known:
         this one, or with async scheduling the one launched before it (whose device work ran
         while this one was being scheduled and launched)."""
-        if self.runner.tp is not None:
-            return self._tp_step()
-        return self._step()
+        t0 = time.perf_counter()
+        try:
+            if self.runner.tp is not None:
+                return self._tp_step()
+            return self._step()
+        finally:
+            self._stats.step_seconds_total += time.perf_counter() - t0
 
     def _tp_step(self) -> list[RequestOutput]:
         """One step on every rank: rank 0 sends the workers its commands since the last step,

@@ -35,6 +35,10 @@ class EngineStats:
     last_step_tokens: int = 0
     """Tokens scheduled in the last step (prefill chunks + decode tokens)."""
     num_steps_total: int = 0
+    step_seconds_total: float = 0.0
+    """Wall time spent inside ``step()``: scheduling, launching and, with async scheduling,
+    waiting for the previous step's tokens. Beside a run's wall time it says how much of it
+    the engine loop spent outside the engine (commands, outputs, IPC, idle)."""
     num_step_failures_total: int = 0
     """Steps that raised; their requests ended with finish_reason ``error`` (counted by
     ``AsyncEngine``, which handles the failure)."""

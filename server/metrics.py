@@ -65,6 +65,8 @@ class EngineStatsCollector(Collector):
         yield gauge("running_batch_size", "Requests in the last engine step.", st.running_batch_size)
         yield gauge("peak_running_batch_size", "Most requests running at once since start.", st.peak_running_batch_size)
         yield counter("engine_steps", "Engine steps that ran the model.", st.num_steps_total)
+        yield counter("engine_step_seconds", "Seconds spent inside the engine's step() (schedule, launch, wait for tokens).",
+                      st.step_seconds_total)
         yield counter("engine_step_failures", "Engine steps that failed (their requests ended with an error).", st.num_step_failures_total)
         yield gauge("host_kv_usage_perc", "Fraction of recall's host store in use (1 = 100 percent).", st.host_kv_usage)
         yield counter("recall_fallbacks", "Recall requests run with plain eviction because the host store was full.", st.num_recall_fallbacks_total)

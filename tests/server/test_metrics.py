@@ -25,6 +25,8 @@ NAMES = [
     "batchmax:kv_tokens_evicted_total",
     "batchmax:kv_compression_ratio",
     "batchmax:running_batch_size",
+    "batchmax:engine_steps_total",
+    "batchmax:engine_step_seconds_total",
 ]
 
 
@@ -65,8 +67,12 @@ def test_counters_move_by_exactly_the_right_amounts(server, model_id):
         "batchmax:iteration_tokens_total_count": 7,
         "batchmax:iteration_tokens_total_sum": plen + 6,
         "batchmax:num_preemptions_total": 0,
+        "batchmax:engine_steps_total": 7,
     }
     assert {k: diff(before, after, k) for k in expect} == expect
+    # the seven steps took time inside step(), and no more than the request's whole life
+    e2e = diff(before, after, "batchmax:e2e_request_latency_seconds_sum")
+    assert 0 < diff(before, after, "batchmax:engine_step_seconds_total") <= e2e
 
 
 def test_streamed_usage_matches_counters(server, model_id):
@@ -165,3 +171,19 @@ def test_server_wide_policy_and_chunk(small_server):
     steps = diff(before, after, "batchmax:iteration_tokens_total_count")
     assert steps >= -(-plen // 32) + 2
     assert diff(before, after, "batchmax:iteration_tokens_total_sum") == plen + 2
+
+
+def test_bench_reads_the_engine_step_counters(server, model_id):
+    """bench/engine_steps.py (server vs offline engine, step by step) reads the same counters."""
+    from bench.engine_steps import from_metrics, parse_metrics
+
+    before = server.wait_idle()
+    b = parse_metrics(httpx.get(server.url + "/metrics").text)
+    httpx.post(server.url + "/v1/completions", timeout=60,
+               json={"model": model_id, "prompt": "one two three", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    after = server.wait_idle()
+    figs = from_metrics(b, parse_metrics(httpx.get(server.url + "/metrics").text), wall_s=1.0)
+    assert figs.steps == diff(before, after, "batchmax:engine_steps_total") == 4
+    assert figs.tokens == diff(before, after, "batchmax:iteration_tokens_total_sum")
+    assert figs.step_s == diff(before, after, "batchmax:engine_step_seconds_total") > 0
+    assert "4 steps" in figs.line()
