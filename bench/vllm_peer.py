@@ -7,6 +7,9 @@ async scheduling, 0.9 of the GPU's memory) except prefix caching, which is off (
 share no prefix, but its hashing is work batchmax does not do), and the KV pool when
 ``--kv-bytes`` caps it (``kv_cache_memory_bytes``). One warm-up ``generate`` on the workload's
 shapes runs before the timed one. Prints one line, ``MARK`` + JSON: what ``throughput.finish`` takes.
+
+``--decode-lens L1 L2`` times the prompts to L1 and to L2 tokens instead (``--repeats`` each,
+alternating) for ``bench/decode_step.py``, which takes the decode step from the difference.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-bytes", type=int, default=None)
     p.add_argument("--max-model-len", type=int, required=True)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--decode-lens", type=int, nargs=2, default=None, metavar=("L1", "L2"))
+    p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args(argv)
     from vllm import LLM, SamplingParams, TokensPrompt
 
@@ -39,6 +44,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.cuda.synchronize()
+    if a.decode_lens:
+        return _decode_lens(llm, prompts, a.decode_lens, a.repeats)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=pr) for pr in prompts], params, use_tqdm=False)
@@ -49,6 +56,23 @@ def main(argv=None) -> int:
     print(MARK + json.dumps(dict(system="vllm", config="0.26 defaults, prefix caching off", prompts=len(prompts), elapsed_s=elapsed,
                           out_tokens=produced, peak_batch=None, peak_gb=None,
                           kv_pool_tokens=blocks * cache.block_size if blocks else None)))
+    return 0
+
+
+def _decode_lens(llm, prompts, lens: list[int], repeats: int) -> int:
+    """Wall time of the whole batch to each length (``bench/decode_step.py``'s method)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from bench.decode_step import time_lengths
+
+    reqs = [TokensPrompt(prompt_token_ids=pr) for pr in prompts]
+
+    def generate(n: int) -> None:
+        outs = llm.generate(reqs, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False), use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == n for o in outs)
+
+    times = time_lengths(generate, lens[0], lens[1], repeats)
+    print(MARK + json.dumps(dict(system="vllm", times=times)))
     return 0
 
 
