@@ -36,7 +36,12 @@ the grammar is built over ``--structured-tokenizer`` (default: the default model
 the option nothing changes.
 
 Appends JSON lines to ``--json``; ``--plot`` draws tok/s against budget and running batch
-from every line of that file (matplotlib).
+from every line of that file (matplotlib); ``--plot-kv`` draws tok/s against KV memory for both
+systems (the ``--kv-gib`` runs, and uncapped ones as "whole GPU") and prints that table with
+batchmax's ratio to vLLM at each size:
+
+    python -m bench.throughput --workload W2 --num-prompts 192 --configs snapkv@512 --peers vllm --kv-gib 6 --json kv.jsonl
+    python -m bench.throughput --configs --json kv.jsonl --plot-kv kv.png
 """
 from __future__ import annotations
 
@@ -344,6 +349,81 @@ def plot(json_path: str, png: str) -> None:
     fig.savefig(png, dpi=130)
 
 
+WHOLE = "whole GPU"
+"""The KV column of uncapped runs (each system sized its pool to what fits: ~109-112 GiB of
+KV on an H200 for the 8B shape, a little different per system and configuration)."""
+
+
+def kv_point(r: dict) -> tuple[float | str, float] | None:
+    """(column, GiB) of a run's KV memory: its cap, or ``WHOLE`` and the pool it sized."""
+    if r.get("kv_gib"):
+        return r["kv_gib"], r["kv_gib"]
+    if r.get("kv_pool_tokens"):
+        return WHOLE, r["kv_pool_tokens"] * kv_token_bytes() / 2**30
+    return None
+
+
+def kv_series(rows: list[dict], workload: str) -> dict[str, dict[float | str, tuple[float, float]]]:
+    """Per system and config, per KV column: (GiB, tok/s) from every run of ``workload``
+    (W1: total tok/s, W2: output tok/s, as issue 18's targets; the last run of a column wins)."""
+    key = "total_tok_s" if workload == "W1" else "output_tok_s"
+    out: dict[str, dict[float | str, tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("workload") != workload or r["system"] == "batchmax-cold-start" or r.get("structured_schema"):
+            continue
+        pt = kv_point(r)
+        if pt is not None:
+            out.setdefault(f"{r['system']} {r['config']}", {})[pt[0]] = (pt[1], r[key])
+    return out
+
+
+def _columns(series: dict) -> list[float | str]:
+    cols = {c for pts in series.values() for c in pts}
+    return sorted(c for c in cols if c != WHOLE) + ([WHOLE] if WHOLE in cols else [])
+
+
+def kv_table(rows: list[dict], workload: str) -> str:
+    """Markdown: each system's tok/s at each KV size, and batchmax's ratio to vLLM there."""
+    series = kv_series(rows, workload)
+    cols = _columns(series)
+    vllm = next((pts for name, pts in series.items() if name.startswith("vllm")), {})
+    unit = "total tok/s" if workload == "W1" else "output tok/s"
+    head = " | ".join(c if c == WHOLE else f"{c:g} GiB" for c in cols)
+    lines = [f"| {workload}, {unit}, KV memory | {head} |", "|---" * (len(cols) + 1) + "|"]
+    for name, pts in series.items():
+        cells = []
+        for c in cols:
+            if c not in pts:
+                cells.append("-")
+            elif name.startswith("vllm") or c not in vllm:
+                cells.append(f"{pts[c][1]:,.0f}")
+            else:
+                cells.append(f"{pts[c][1]:,.0f} ({pts[c][1] / vllm[c][1]:.2f}x)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_kv(json_path: str, png: str) -> None:
+    """Throughput against KV memory, both systems, one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in open(json_path)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, wl in zip(axes, ("W1", "W2")):
+        for name, pts in kv_series(rows, wl).items():
+            xs, ys = zip(*(pts[c] for c in _columns({name: pts})))
+            ax.plot(xs, ys, marker="o", linestyle="--" if name.startswith("vllm") else "-", label=name)
+        ax.set(xscale="log", xlabel="KV cache memory (GiB)", ylabel="total tok/s" if wl == "W1" else "output tok/s",
+               title=f"{wl} ({'128 x 4096 -> 256' if wl == 'W1' else '16,384 -> 512'})")
+        ax.legend(fontsize=7)
+    fig.suptitle("Llama-3-8B shape, random bf16 weights: batchmax and vLLM with the same KV memory", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=130)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=list(WORKLOADS), default="W1")
@@ -370,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG from every line of --json (no run when --configs is empty)")
+    p.add_argument("--plot-kv", default=None, metavar="PNG",
+                   help="throughput against KV memory from every line of --json, and its table (no run when --configs is empty)")
     p.add_argument("--structured-schema", default=None, metavar="builtin|FILE",
                    help="constrain every batchmax request to this JSON schema (builtin: BUILTIN_SCHEMA); default: unconstrained")
     p.add_argument("--structured-tokenizer", default=None, help="tokenizer folder for the grammar (default: the default model's)")
@@ -381,8 +463,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     global SHAPE
     SHAPE = SHAPES[a.model_shape]
-    if a.plot and not a.configs:
-        plot(a.json, a.plot)
+    if (a.plot or a.plot_kv) and not a.configs:
+        if a.plot:
+            plot(a.json, a.plot)
+        if a.plot_kv:
+            plot_kv(a.json, a.plot_kv)
+            rows = [json.loads(x) for x in open(a.json)]
+            for wl in ("W1", "W2"):
+                if kv_series(rows, wl):
+                    print(kv_table(rows, wl) + "\n")
         return
     n, prompt, out = WORKLOADS[a.workload]
     n = a.num_prompts or n

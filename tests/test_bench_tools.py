@@ -21,3 +21,40 @@ def test_decode_step_runs_batchmax_on_a_tiny_model(tiny_llama, tmp_path):
     rec = json.loads(line)
     assert rec["mean_context"] == 20 and len(rec["times"]["2"]) == len(rec["times"]["6"]) == 1
     assert rec["decode_step_ms"] == rows[0]["decode_step_ms"]
+
+
+def _run(system, config, workload, tok_s, kv_gib=None, pool=None):
+    return dict(system=system, config=config, workload=workload, total_tok_s=tok_s, output_tok_s=tok_s / 10,
+                kv_gib=kv_gib, kv_pool_tokens=pool)
+
+
+def test_kv_table_lines_up_both_systems_per_kv_size():
+    from bench.throughput import kv_table
+
+    rows = [
+        _run("vllm", "defaults", "W2", 1000, kv_gib=6), _run("batchmax", "snapkv@512", "W2", 4000, kv_gib=6),
+        _run("vllm", "defaults", "W2", 2000, kv_gib=28), _run("batchmax", "snapkv@512", "W2", 5000, kv_gib=28),
+        # uncapped: each sized its own pool; both land in the whole-GPU column
+        _run("vllm", "defaults", "W2", 6000, pool=891_712), _run("batchmax", "snapkv@512", "W2", 11000, pool=880_000),
+        _run("batchmax-cold-start", "snapkv@512", "W2", 1, kv_gib=6), _run("vllm", "defaults", "W1", 9, kv_gib=6),
+    ]
+    assert kv_table(rows, "W2").splitlines() == [
+        "| W2, output tok/s, KV memory | 6 GiB | 28 GiB | whole GPU |",
+        "|---|---|---|---|",
+        "| vllm defaults | 100 | 200 | 600 |",
+        "| batchmax snapkv@512 | 400 (4.00x) | 500 (2.50x) | 1,100 (1.83x) |",
+    ]
+
+
+def test_kv_plot_draws_a_png(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from bench.throughput import plot_kv
+
+    rows = [_run("vllm", "defaults", "W1", 100, kv_gib=6), _run("batchmax", "snapkv@512", "W1", 300, kv_gib=6),
+            _run("vllm", "defaults", "W1", 200, kv_gib=28), _run("batchmax", "snapkv@512", "W1", 350, pool=800_000)]
+    src = tmp_path / "runs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_kv(str(src), str(tmp_path / "kv.png"))
+    assert (tmp_path / "kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
