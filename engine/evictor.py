@@ -252,7 +252,8 @@ class Evictor:
             held = stage([meta.lens[m.b][layer] for m in members], torch.int64)
             old = torch.arange(T, device=dev)[None, :] < held[:, None]  # new keys start at 0
             state = cache.state[layer, slots].transpose(1, 2) * old[:, None, :]  # (B, H_kv, T)
-        ctx = ScoreContext(keys, values, key_pos, key_mask, queries, q_pos, q_mask, state, layer, self.num_layers)
+        ctx = ScoreContext(keys, values if pol.needs_values else None, key_pos, key_mask, queries, q_pos, q_mask, state,
+                           layer, self.num_layers)
         result = pol.score(ctx)
 
         # rows that do not evict keep everything (stateful policies still update their state);
@@ -279,10 +280,12 @@ class Evictor:
         self.evicted_tokens += held - kept
 
     def _keep_front(self, layer: int, meta, members: list[_Member], keep: np.ndarray, keep_idx: torch.Tensor,
-                    keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, state: torch.Tensor | None) -> None:
+                    keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, state: torch.Tensor | None,
+                    values_at: torch.Tensor | None = None) -> None:
         """Write member i's ``keep[i]`` kept tokens (``keep_idx`` (B, H, K) into keys, values
         (B, H, T, D) and pos, state (B, H, T)) to the first ``keep[i]`` slots of its row of the
-        pool, per head: the kept tokens move to the front."""
+        pool, per head: the kept tokens move to the front. ``values_at`` (B, H, T): where each
+        index of the keys' order is in ``values``, when values are in another order."""
         stage = self.cache.stager.to_device
         rows, cols = _ragged(keep)  # (M,) member of each kept token and its place in the row
         b_of = np.array([m.b for m in members], dtype=np.int64)
@@ -292,6 +295,8 @@ class Evictor:
         take = lambda t, ix: t.gather(2, ix)[rows, :, cols]  # noqa: E731  (B, H, K[, D]) -> (M, H[, D])
         cache = self.cache
         cache.k[layer].index_copy_(0, dst, take(keys, gidx))
+        if values_at is not None:
+            gidx = values_at.gather(2, keep_idx)[..., None].expand(-1, -1, -1, values.shape[-1])
         cache.v[layer].index_copy_(0, dst, take(values, gidx))
         cache.pos[layer].index_copy_(0, dst, take(pos, keep_idx).to(torch.int32))
         if state is not None:
@@ -309,10 +314,12 @@ class Evictor:
         order = torch.sort((~dropped).to(torch.int8), dim=-1, stable=True).indices  # stable: position order
         return order
 
-    def _park(self, layer, members, counts, keep_idx, key_mask, keys, values, key_pos, state, replace: bool = False) -> None:
+    def _park(self, layer, members, counts, keep_idx, key_mask, keys, values, key_pos, state, replace: bool = False,
+              values_at: torch.Tensor | None = None) -> None:
         """Send what the layer just dropped (``counts[i]`` tokens of member i) to the host
         store. keep_idx (B, H, K); keys, values (B, H, T, D); key_pos, state (B, H, T).
-        ``replace``: these become the layer's whole parked run instead of being appended."""
+        ``replace``: these become the layer's whole parked run instead of being appended.
+        ``values_at``: as in ``_keep_front``."""
         if replace:
             for m in members:
                 self.host.seqs[m.req.request_id].lens[layer] = 0
@@ -321,13 +328,14 @@ class Evictor:
             return
         idx = self._dropped(keep_idx, key_mask)[:, :, :cmax]  # (B, H, C)
 
-        def take(t: torch.Tensor) -> torch.Tensor:  # (B, H, T[, D]) -> (B, C, H[, D]), one gather for all
-            ix = idx[..., None].expand(-1, -1, -1, t.shape[-1]) if t.dim() == 4 else idx
+        def take(t: torch.Tensor, at: torch.Tensor = idx) -> torch.Tensor:  # (B, H, T[, D]) -> (B, C, H[, D]), one gather for all
+            ix = at[..., None].expand(-1, -1, -1, t.shape[-1]) if t.dim() == 4 else at
             return t.gather(2, ix).transpose(1, 2).contiguous()
 
         # rows are contiguous (c, H[, D]) slices: one copy per tensor and host run
         items = [(m.req.request_id, i, c) for i, (m, c) in enumerate(zip(members, counts)) if c]
-        self.host.park(layer, items, take(keys), take(values), take(key_pos), None if state is None else take(state))
+        v = take(values) if values_at is None else take(values, values_at.gather(2, idx))
+        self.host.park(layer, items, take(keys), v, take(key_pos), None if state is None else take(state))
 
     def _recall_group(self, layer: int, pol: EvictionPolicy, members: list[_Member], staged: StagedRun, q: torch.Tensor,
                       meta, before: bool) -> None:
@@ -356,7 +364,8 @@ class Evictor:
         t_slots = meta.slots[stage(torch.from_numpy(b_of[t_row]), torch.int64), stage(torch.from_numpy(t_j), torch.int64)]  # (ΣT,)
 
         def union(parked: torch.Tensor, pooled: torch.Tensor, fill=0) -> torch.Tensor:  # -> (B, Um, H[, D])
-            out = torch.full((B * Um, *parked.shape[1:]), fill, dtype=pooled.dtype, device=dev)
+            shape = (B * Um, *parked.shape[1:])
+            out = torch.empty(shape, dtype=pooled.dtype, device=dev) if fill is None else torch.full(shape, fill, dtype=pooled.dtype, device=dev)
             out.index_copy_(0, p_at, parked.to(pooled.dtype))
             out.index_copy_(0, t_at, pooled)
             return out.view(B, Um, *parked.shape[1:])
@@ -365,7 +374,11 @@ class Evictor:
         order = pos.argsort(dim=1, stable=True)  # (B, Um, H): position order per head, padding last
         g4 = order[..., None].expand(-1, -1, -1, D)
         keys = union(staged.k, cache.k[layer].index_select(0, t_slots)).gather(1, g4).transpose(1, 2)  # (B, H, Um, D)
-        values = union(staged.v, cache.v[layer].index_select(0, t_slots)).gather(1, g4).transpose(1, 2)
+        # Values stay in union order: no policy reads them, and only the kept (and, before
+        # attention, the dropped) ones are gathered, through ``order`` (sorted index -> union
+        # index), which saves sorting the whole union. Padding rows are never read: empty.
+        values = union(staged.v, cache.v[layer].index_select(0, t_slots), fill=None).transpose(1, 2)  # (B, H, Um, D)
+        to_union = order.transpose(1, 2)  # (B, H, Um)
         pos = pos.gather(1, order).transpose(1, 2)  # (B, H, Um)
         state = None
         if pol.stateful:
@@ -376,14 +389,18 @@ class Evictor:
         queries = q_pos = q_mask = None
         if pol.needs_queries:
             queries, q_pos, q_mask = self._queries(pol, members, layer, q, meta)
-        result = pol.score(ScoreContext(keys, values, pos, key_mask, queries, q_pos, q_mask, state, layer, self.num_layers))
+        if pol.needs_values:  # the contract: values aligned with keys
+            values, to_union = values.gather(2, to_union[..., None].expand(-1, -1, -1, D)), None
+        result = pol.score(ScoreContext(keys, values if to_union is None else None, pos, key_mask, queries, q_pos, q_mask, state,
+                                        layer, self.num_layers))
 
         budgets = held if before else np.array([m.req.layer_budgets[layer] for m in members], dtype=np.int64)
         keep = np.minimum(budgets, U)  # known on the host: no device sync
         keep_idx, _ = select_keep(result.scores, key_mask, stage(torch.from_numpy(keep), torch.int64), pol.sink, pol.window, max_keep=int(keep.max()))
-        self._keep_front(layer, meta, members, keep, keep_idx, keys, values, pos, result.state)
+        self._keep_front(layer, meta, members, keep, keep_idx, keys, values, pos, result.state, values_at=to_union)
         if before:
-            self._park(layer, members, (U - keep).tolist(), keep_idx, key_mask, keys, values, pos, result.state, replace=True)
+            self._park(layer, members, (U - keep).tolist(), keep_idx, key_mask, keys, values, pos, result.state, replace=True,
+                       values_at=to_union)
             return
         for m, t, k in zip(members, T.tolist(), keep.tolist()):
             self._shrunk(m, layer, t, k)  # GPU-side accounting: parked tokens were counted when parked

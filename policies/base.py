@@ -27,8 +27,9 @@ class ScoreContext:
 
     keys: torch.Tensor
     """(B, H_kv, T, D) post-RoPE keys held in this layer: kept tokens, then this step's new ones."""
-    values: torch.Tensor
-    """(B, H_kv, T, D)"""
+    values: torch.Tensor | None
+    """(B, H_kv, T, D) aligned with keys, for policies that set ``needs_values``; None for the
+    others (recall's re-selection then never sorts the union's values)."""
     key_positions: torch.Tensor
     """(B, H_kv, T) int64 original token positions, per KV head since each head keeps its own
     tokens (ascending along T); (B, T) is accepted when all heads hold the same tokens.
@@ -72,6 +73,8 @@ class EvictionPolicy(abc.ABC):
     """False only for ``full``: the engine never calls score and reserves the full footprint."""
     needs_queries: ClassVar[bool] = True
     """False: the engine passes queries=None and does not keep an observation window."""
+    needs_values: ClassVar[bool] = False
+    """True: the engine passes ``ScoreContext.values``."""
     stateful: ClassVar[bool] = False
     """True: the engine carries ``ScoreResult.state`` between evictions, aligned with the keys."""
     # Policies with needs_queries also declare an instance field

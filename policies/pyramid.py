@@ -68,6 +68,10 @@ class PyramidPolicy(EvictionPolicy):
         return self.scorer.needs_queries
 
     @property
+    def needs_values(self) -> bool:  # type: ignore[override]
+        return self.scorer.needs_values
+
+    @property
     def stateful(self) -> bool:  # type: ignore[override]
         return self.scorer.stateful
 

@@ -1,10 +1,13 @@
 """Recall: evicted prefill K/V parked in host memory, re-selected at the last chunk."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from batchmax.engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from batchmax.policies import EvictionPolicy, ScoreContext, ScoreResult
 from tests.helpers import PeakRecorder, random_prompts
 
 BUDGET = 64
@@ -184,3 +187,56 @@ def test_host_store_contiguous_runs_and_round_trip():
     want = [torch.cat([sent["d"][i], sent["a"][i]]) for i in range(3)]
     assert torch.equal(got.k, want[0]) and torch.equal(got.v, want[1]) and torch.equal(got.pos.long(), want[2])
     assert store.seqs["a"].lens == [0, 2 * HOST_BLOCK + 5]
+
+
+@dataclass
+class _ValueNorm(EvictionPolicy):
+    """Keeps the largest values: a policy that reads ``ctx.values``."""
+
+    name = "vnorm_test"
+    needs_queries = False
+    needs_values = True
+
+    def score(self, ctx: ScoreContext) -> ScoreResult:
+        assert ctx.values is not None and ctx.values.shape == ctx.keys.shape
+        return ScoreResult(torch.linalg.vector_norm(ctx.values.float(), dim=-1))  # (B, H_kv, T)
+
+
+@pytest.mark.parametrize("recall_attention", ["compressed", "recalled"])
+def test_a_policy_reading_values_gets_them_aligned_with_keys(recall_attention, tiny_llama, monkeypatch):
+    """Recall sorts the union's values only for policies with ``needs_values``; the others
+    get ``values=None`` and the kept values are gathered from the unsorted union. Layer 0's
+    values depend on the tokens alone: scored by value norm, recall keeps what one eviction
+    after the whole prompt keeps."""
+    from batchmax.policies import registry
+
+    monkeypatch.setitem(registry._FACTORIES, "vnorm_test", _ValueNorm)
+    monkeypatch.setitem(registry._FIELDS, "vnorm_test", {"sink", "window"})
+    prompt = random_prompts([300], seed=5)[0]
+    one_shot, _ = _kept_after_prefill(tiny_llama, prompt, "vnorm_test", chunk_size=512)
+    recalled, _ = _kept_after_prefill(tiny_llama, prompt, "vnorm_test", chunk_size=32, kv_recall=True, recall_attention=recall_attention)
+    assert recalled[0] == one_shot[0]
+
+
+def _layer0_kv_by_position(eng, rid: str) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """(head, position) -> (key, value) held by layer 0 of request ``rid``."""
+    c = eng.cache
+    slots = c.slots(torch.from_numpy(c.block_table([rid])))[0][: c.seqs[rid].lens[0]]
+    pos, k, v = c.pos[0, slots], c.k[0, slots], c.v[0, slots]  # (n, H), (n, H, D)
+    return {(h, int(pos[i, h])): (k[i, h], v[i, h]) for i in range(pos.shape[0]) for h in range(pos.shape[1])}
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "knorm"])
+@pytest.mark.parametrize("recall_attention", ["compressed", "recalled"])
+def test_recalled_tokens_bring_their_own_keys_and_values(policy, recall_attention, tiny_llama):
+    """Not only the kept positions: every kept token's key and value in layer 0 (which depend
+    on the tokens alone) are those of the one-shot eviction, so nothing is gathered from
+    another token's row."""
+    prompt = random_prompts([300], seed=3)[0]
+    _, one = _kept_after_prefill(tiny_llama, prompt, policy, chunk_size=512)
+    _, rec = _kept_after_prefill(tiny_llama, prompt, policy, chunk_size=32, kv_recall=True, recall_attention=recall_attention)
+    a, b = _layer0_kv_by_position(one, "a"), _layer0_kv_by_position(rec, "a")
+    assert a.keys() == b.keys()
+    for key, (k, v) in a.items():
+        torch.testing.assert_close(b[key][0], k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b[key][1], v, rtol=1e-5, atol=1e-5)
