@@ -203,25 +203,31 @@ def test_stats_line_fields():
     st = StatsLine(lambda: samples[-1])
     samples.append((EngineStats(), 0))
     assert st.tick(100.0) is None  # the first sample is the baseline
-    samples.append((EngineStats(num_running=3, kv_usage=0.125, prompt_tokens_total=800, generation_tokens_total=96), 2))
+    samples.append((EngineStats(num_running=3, kv_usage=0.125, prompt_tokens_total=800, generation_tokens_total=96,
+                                num_steps_total=40, step_seconds_total=0.992), 2))
     line, fields = st.tick(110.0)
-    assert line == "engine: running 3 reqs, waiting 2 reqs, KV cache 12.5%, prompt 80.0 tok/s, generation 9.6 tok/s"
-    assert fields == {"running": 3, "waiting": 2, "kv_usage": 0.125, "prompt_tps": 80.0, "generation_tps": 9.6}
-    # the interval in which the work ended still had tokens: logged
-    samples.append((EngineStats(prompt_tokens_total=800, generation_tokens_total=146), 0))
-    assert st.tick(120.0)[0] == "engine: running 0 reqs, waiting 0 reqs, KV cache 0.0%, prompt 0.0 tok/s, generation 5.0 tok/s"
+    assert line == ("engine: running 3 reqs, waiting 2 reqs, KV cache 12.5%, prompt 80.0 tok/s, generation 9.6 tok/s, "
+                    "40 steps of 24.8 ms")
+    assert fields == {"running": 3, "waiting": 2, "kv_usage": 0.125, "prompt_tps": 80.0, "generation_tps": 9.6,
+                      "steps": 40, "step_ms": 24.8}
+    # the interval in which the work ended still had tokens: logged (its own steps only)
+    samples.append((EngineStats(prompt_tokens_total=800, generation_tokens_total=146, num_steps_total=90, step_seconds_total=1.992), 0))
+    assert st.tick(120.0)[0] == ("engine: running 0 reqs, waiting 0 reqs, KV cache 0.0%, prompt 0.0 tok/s, generation 5.0 tok/s, "
+                                 "50 steps of 20.0 ms")
     # idle: nothing
     assert st.tick(130.0) is None and st.tick(140.0) is None
     # requests waiting without progress are activity
-    samples.append((EngineStats(prompt_tokens_total=800, generation_tokens_total=146), 4))
-    assert st.tick(150.0)[1]["waiting"] == 4
+    samples.append((EngineStats(prompt_tokens_total=800, generation_tokens_total=146, num_steps_total=90, step_seconds_total=1.992), 4))
+    fields = st.tick(150.0)[1]
+    assert fields["waiting"] == 4 and fields["steps"] == 0 and fields["step_ms"] == 0.0
     # no engine yet (loading): nothing; once loaded, its first interval counts from the tick
     # before (its counters started at 0), so a request served right after loading is seen
     samples = [None]
     st = StatsLine(lambda: samples[-1])
     assert st.tick(10.0) is None
     samples.append((EngineStats(num_running=1, prompt_tokens_total=50, generation_tokens_total=10), 0))
-    assert st.tick(20.0)[1] == {"running": 1, "waiting": 0, "kv_usage": 0.0, "prompt_tps": 5.0, "generation_tps": 1.0}
+    assert st.tick(20.0)[1] == {"running": 1, "waiting": 0, "kv_usage": 0.0, "prompt_tps": 5.0, "generation_tps": 1.0,
+                                "steps": 0, "step_ms": 0.0}
 
 
 def test_stats_line_is_logged_only_while_busy(tokenizer, caplog):
@@ -238,7 +244,7 @@ def test_stats_line_is_logged_only_while_busy(tokenizer, caplog):
         assert sum(r.generation_tps for r in busy) > 0 and max(r.running for r in busy) == 1
         for rec in busy:
             assert re.match(r"^engine: running \d+ reqs, waiting \d+ reqs, KV cache \d+\.\d%, prompt \d+\.\d tok/s, "
-                            r"generation \d+\.\d tok/s$", rec.getMessage()), rec.getMessage()
+                            r"generation \d+\.\d tok/s, \d+ steps of \d+\.\d ms$", rec.getMessage()), rec.getMessage()
         n = len(busy)
         time.sleep(4 * interval)
         assert len([r for r in caplog.records if r.name == "batchmax.stats"]) == n  # quiet once idle
