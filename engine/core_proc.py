@@ -72,7 +72,7 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, log_level
     push.send(encoder.encode(ReadyMsg(engine.model_name, engine.max_model_len, engine.runner.spec.vocab_size, loop.state.stats)))
     loop.run()
     if loop.fatal is not None:  # the front end fails what is left and turns unhealthy
-        push.send(encoder.encode(FatalMsg(loop.fatal)))
+        transport.send(encoder.encode(FatalMsg(loop.fatal)))
     engine.shutdown()
     pull.close()
     push.close()
@@ -96,12 +96,28 @@ class ZmqTransport:
     def on_step(self, stats) -> None:
         self.step_tokens.append(stats.last_step_tokens)
 
+    def _orphaned(self) -> bool:
+        """The front end is gone (this process was re-parented): nobody will read or stop us."""
+        return os.getppid() != self.parent
+
+    def send(self, data: bytes) -> None:
+        """Send, waiting in slices while the front end's queue is full, so that a front end
+        that died mid-run is noticed instead of blocking here forever (its PULL socket gone,
+        this PUSH queues up to its high-water mark and then a send never returns)."""
+        while not self.push.poll(1000, zmq.POLLOUT):
+            if self._orphaned():
+                return  # the next take() says stop
+        self.push.send(data)
+
     def take(self, block: bool, timeout: float | None) -> list:
+        if self._orphaned():  # checked every iteration: a busy core must not run on unwatched
+            logger.error("the front end process is gone; stopping")
+            return [STOP]
         if block:
             deadline = None if timeout is None else time.monotonic() + timeout
             # wait in slices, to notice a front end that died without saying stop
             while not self.poller.poll(1000 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))):
-                if os.getppid() != self.parent:
+                if self._orphaned():
                     logger.error("the front end process is gone; stopping")
                     return [STOP]
                 if deadline is not None and time.monotonic() >= deadline:
@@ -122,13 +138,13 @@ class ZmqTransport:
 
     def accepted(self, cmd: AddCommand, error: BaseException | None, state: LoopState) -> None:
         text = None if error is None else (str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}")
-        self.push.send(encoder.encode(AcceptedMsg(cmd.tag, text, isinstance(error, ValueError), state.stats)))
+        self.send(encoder.encode(AcceptedMsg(cmd.tag, text, isinstance(error, ValueError), state.stats)))
 
     def deliver(self, outputs: Sequence[tuple[LoopEntry, RequestOutput]], t: float, state: LoopState) -> None:
         deltas = [self._delta(out) for _, out in outputs]
         steps, self.step_tokens = self.step_tokens, []
         msg = OutputsMsg(t, deltas, state.stats, state.consecutive_step_failures, steps)
-        self.push.send(encoder.encode(msg))
+        self.send(encoder.encode(msg))
 
     def _delta(self, out: RequestOutput) -> Delta:
         n_tok, n_lp, n_plp = self.sent.get(out.request_id, (0, 0, 0))

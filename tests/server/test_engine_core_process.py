@@ -126,3 +126,51 @@ def test_shutdown_never_waits_on_a_core_that_stopped_reading(tiny_llama):
     t = threading.Thread(target=lambda: (c.shutdown(timeout=1), done.set()), daemon=True)
     t.start()
     assert done.wait(20), "shutdown blocked on the StopMsg"
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie nobody reaps (an orphan re-parented to a PID 1 that does not wait)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_core_whose_front_end_died_mid_request_exits(tiny_llama):
+    """The front end dies (no StopMsg, no socket closed politely) while a long request is
+    generating. The core must notice and exit instead of running on unwatched, or blocking
+    forever in a send once the dead front end's queue is full, holding the device."""
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import asyncio, os
+from batchmax.engine import EngineConfig, SamplingParams
+from batchmax.engine.core_client import EngineCoreClient
+c = EngineCoreClient(EngineConfig.from_kwargs(model={str(tiny_llama)!r}, device="cpu", max_num_seqs=2, num_tokens=4096))
+print(c._proc.pid, flush=True)
+async def run():
+    n = 0
+    async for out in c.generate([5, 6, 7], SamplingParams(max_tokens=1900, temperature=0.0, ignore_eos=True), request_id="x"):
+        n += 1
+        if n == 3:
+            os._exit(0)
+asyncio.run(run())
+"""
+    # only the first line is read: the core inherits the pipe and, alive, would hold it open
+    front = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        pid = int(front.stdout.readline())
+        assert front.wait(120) == 0
+    finally:
+        front.stdout.close()
+        if front.poll() is None:
+            front.kill()
+    deadline = time.monotonic() + 30
+    while not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not _exited(pid):
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the orphaned engine core was still running 30 s after its front end died")
