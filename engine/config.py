@@ -35,7 +35,9 @@ class CacheConfig:
     always fits (it forms a group alone)."""
     memory_fraction: float = 0.9
     """When ``num_tokens`` is None: the fraction of the device's free memory (after the
-    weights are loaded) that the pool may take. On the CPU, of available RAM, at most 4 GiB."""
+    weights are loaded) that the pool may take, less 1 GiB for activations and less the
+    sampler's per-request tables at ``max_num_seqs`` requests. On the CPU: of available RAM
+    (less the same tables), at most 1 GiB."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:

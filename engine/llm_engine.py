@@ -84,7 +84,9 @@ class LLMEngine:
             sc = dataclasses.replace(sc, max_num_batched_tokens=default_batched_tokens(self.runner.device.type))
         self.scheduler_config = sc
         useful = sc.max_num_seqs * self.max_model_len + sc.chunk_size
-        self.cache = self.runner.allocate_cache(self.runner.pool_tokens(useful))
+        # the sampler's per-request tables grow with use: size the pool as if max_num_seqs used them
+        tables = LogitsProcessors.table_bytes(sc.max_num_seqs, spec.vocab_size)
+        self.cache = self.runner.allocate_cache(self.runner.pool_tokens(useful, reserve_bytes=tables))
         # a request's blocks cover at most max_model_len tokens plus one chunk being evicted
         self.runner.prepare_cuda_graphs(self.cache, self.cache.blocks_for(self.max_model_len + sc.chunk_size))
         self.scheduler = Scheduler(sc, self.cache, config.eviction.evict_decode_every)

@@ -126,6 +126,13 @@ class LogitsProcessors:
         self.word_last: torch.Tensor | None = None
         self.word_valid: torch.Tensor | None = None
 
+    @staticmethod
+    def table_bytes(num_slots: int, vocab_size: int) -> int:
+        """Device bytes of the per-slot tables at ``num_slots`` slots when every table is in use
+        (bias float32, counts int32, seen-in-prompt bool, three penalties float32), not counting
+        the bad-words tables, whose size follows the words sent. For sizing the KV pool."""
+        return num_slots * (vocab_size * (4 + 4 + 1) + 3 * 4)
+
     @property
     def num_slots_used(self) -> int:
         return self.capacity - len(self.free)

@@ -96,8 +96,9 @@ class ModelRunner:
         s = self.spec
         return KVCache.bytes_per_token(s.num_layers, self.local_kv_heads, s.head_dim, self.dtype)
 
-    def pool_tokens(self, max_useful_tokens: int) -> int:
-        """Capacity from the config: given, or a fraction of free memory after the weights."""
+    def pool_tokens(self, max_useful_tokens: int, reserve_bytes: int = 0) -> int:
+        """Capacity from the config: given, or a fraction of free memory after the weights and
+        ``reserve_bytes`` (what the engine allocates later on the device: the sampler's tables)."""
         cc = self.config.cache
         if cc.num_tokens is not None:
             return cc.num_tokens
@@ -105,10 +106,10 @@ class ModelRunner:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             # keep activations' room: the fraction's remainder plus 1 GiB
-            avail = int(free * cc.memory_fraction) - (1 << 30)
+            avail = int(free * cc.memory_fraction) - (1 << 30) - reserve_bytes
         else:
             free = _available_ram()
-            avail = min(int(free * cc.memory_fraction), _CPU_POOL_CAP)
+            avail = min(int(free * cc.memory_fraction) - reserve_bytes, _CPU_POOL_CAP)
         tokens = min(avail // per_token, max_useful_tokens)
         if self.tp is not None:  # every rank's scheduler must see the same pool: the smallest
             tokens = min(v[0] for v in self.tp.agree(tokens))

@@ -422,3 +422,27 @@ def test_processed_requests_survive_preemption(tiny_llama):
     assert tight.engine.stats().num_preemptions_total > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
     assert tight.engine.processors.num_slots_used == 0
+
+
+def test_table_bytes_are_what_the_tables_take(llm):
+    """``LogitsProcessors.table_bytes`` (what the KV pool's sizing sets aside) is exactly the
+    bias, counts, seen-in-prompt and penalty tables a full set of slots allocates."""
+    params = [_p(4, logit_bias={5: 1.0}, presence_penalty=0.5, repetition_penalty=1.2, seed=i) for i in range(9)]
+    _gen(llm, random_prompts([12] * 9, seed=2), params)  # 9 users at once: past the first 8 slots
+    lp = llm.engine.processors
+    held = sum(t.numel() * t.element_size() for t in (lp.bias, lp.counts, lp.seen_prompt, lp.penalties))
+    assert lp.capacity >= 9 and held == LogitsProcessors.table_bytes(lp.capacity, lp.vocab_size)
+
+
+def test_pool_sizing_sets_the_sampler_tables_aside(tiny_llama, monkeypatch):
+    """With no ``num_tokens`` the pool takes its fraction of free memory less the tables
+    ``max_num_seqs`` requests could make the sampler allocate."""
+    from batchmax.engine import model_runner
+
+    free = 3 << 30
+    monkeypatch.setattr(model_runner, "_available_ram", lambda: free)
+    monkeypatch.setattr(model_runner, "_CPU_POOL_CAP", 1 << 40)
+    eng = LLM(str(tiny_llama), device="cpu", max_num_seqs=64, max_model_len=1 << 20, skip_tokenizer_init=True).engine
+    tables = LogitsProcessors.table_bytes(64, eng.runner.spec.vocab_size)
+    expect = (int(free * 0.9) - tables) // eng.runner.kv_bytes_per_token()
+    assert eng.cache.capacity_tokens == expect // eng.cache.block_size * eng.cache.block_size
