@@ -33,9 +33,9 @@ class StepFigures:
         return asdict(self)
 
 
-def from_stats(before: EngineStats, after: EngineStats, tokens: int, wall_s: float) -> StepFigures:
-    """Offline: two ``stats()`` around the run; ``tokens`` summed from ``last_step_tokens``."""
-    return StepFigures(after.num_steps_total - before.num_steps_total, tokens,
+def from_stats(before: EngineStats, after: EngineStats, wall_s: float) -> StepFigures:
+    """Offline: two ``stats()`` around the run."""
+    return StepFigures(after.num_steps_total - before.num_steps_total, after.scheduled_tokens_total - before.scheduled_tokens_total,
                        after.step_seconds_total - before.step_seconds_total, wall_s)
 
 

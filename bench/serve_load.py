@@ -67,11 +67,9 @@ def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dic
         eng.add_request(f"load-{i}", req.prompt, SamplingParams(max_tokens=req.max_tokens, temperature=temperature, ignore_eos=ignore_eos))
         marks[f"load-{i}"] = []
     finals = {}
-    tokens = 0
     while eng.has_unfinished_requests():
         outs = eng.step()
         now = time.perf_counter()
-        tokens += eng.stats().last_step_tokens
         for out in outs:
             m = marks.get(out.request_id)
             if m is None:
@@ -82,7 +80,7 @@ def run_offline(workload: list[LoadRequest], model: str | None, engine_args: dic
     duration = time.perf_counter() - t0
     st = eng.stats()
     # recall that found no room in the host store ran plain eviction instead: say so beside the figure
-    steps = from_stats(stats0, st, tokens, duration)
+    steps = from_stats(stats0, st, duration)
     print(f"offline engine: peak running batch {st.peak_running_batch_size}, recall fallbacks {st.num_recall_fallbacks_total}; "
           f"{steps.line()}", file=sys.stderr, flush=True)
     timings = []

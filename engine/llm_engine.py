@@ -380,6 +380,7 @@ class LLMEngine:
         st.running_batch_size = len(sched.requests)
         st.peak_running_batch_size = max(st.peak_running_batch_size, len(self.scheduler.running))
         st.last_step_tokens = sched.num_tokens
+        st.scheduled_tokens_total += sched.num_tokens
         outs: dict[str, RequestOutput] = {}
         for r in touched + self._finished_unreported:
             if r.request_id not in outs:

@@ -35,6 +35,8 @@ class EngineStats:
     last_step_tokens: int = 0
     """Tokens scheduled in the last step (prefill chunks + decode tokens)."""
     num_steps_total: int = 0
+    scheduled_tokens_total: int = 0
+    """Tokens scheduled by all steps (the sum of ``last_step_tokens``)."""
     step_seconds_total: float = 0.0
     """Wall time spent inside ``step()``: scheduling, launching and, with async scheduling,
     waiting for the previous step's tokens. Beside a run's wall time it says how much of it

@@ -58,3 +58,15 @@ def test_kv_plot_draws_a_png(tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_kv(str(src), str(tmp_path / "kv.png"))
     assert (tmp_path / "kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_offline_step_figures_count_every_scheduled_token(tiny_llama):
+    """``run_offline``'s engine step figures come from the engine's counters: each prompt
+    token once and each output token but the first (sampled by the last prefill chunk)."""
+    from bench.serve_load import run_offline
+    from bench.workload import LenDist, make_workload
+
+    work = make_workload(4, LenDist(20, 40), LenDist(3, 6), 0, "ids", 1000)
+    summary, steps = run_offline(work, str(tiny_llama), dict(device="cpu", num_tokens=4096), 0.0, True)
+    assert steps.tokens == sum(len(r.prompt) + r.max_tokens - 1 for r in work)
+    assert steps.steps > 0 and 0 < steps.step_s <= steps.wall_s
