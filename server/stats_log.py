@@ -15,6 +15,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from batchmax.engine.stats import EngineStats
+
 logger = logging.getLogger("batchmax.stats")
 
 
@@ -24,7 +26,7 @@ class StatsLine:
     def __init__(self, sample: Callable[[], tuple | None]) -> None:
         """``sample()``: (stats, waiting) of the engine now, or None while there is none."""
         self.sample = sample
-        self._prev: tuple[float, int, int, int, float] | None = None  # (time, prompt, generation, steps, step seconds)
+        self._prev: tuple[float, EngineStats] | None = None  # the last tick's time and stats (a copy)
         self._none_at: float | None = None  # the last tick that found no engine
 
     def tick(self, now: float) -> tuple[str, dict] | None:
@@ -37,15 +39,14 @@ class StatsLine:
             self._none_at, self._prev = now, None
             return None
         st, waiting = got
-        prev, self._prev = self._prev, (now, st.prompt_tokens_total, st.generation_tokens_total, st.num_steps_total,
-                                        st.step_seconds_total)
+        prev, self._prev = self._prev, (now, st)
         if prev is None and self._none_at is not None:
-            prev, self._none_at = (self._none_at, 0, 0, 0, 0.0), None
+            prev, self._none_at = (self._none_at, EngineStats()), None
         if prev is None or now <= prev[0]:
             return None
-        dt = now - prev[0]
-        dp, dg = st.prompt_tokens_total - prev[1], st.generation_tokens_total - prev[2]
-        steps, step_s = st.num_steps_total - prev[3], st.step_seconds_total - prev[4]
+        dt, before = now - prev[0], prev[1]
+        dp, dg = st.prompt_tokens_total - before.prompt_tokens_total, st.generation_tokens_total - before.generation_tokens_total
+        steps, step_s = st.num_steps_total - before.num_steps_total, st.step_seconds_total - before.step_seconds_total
         if not (st.num_running or waiting or dp or dg):
             return None
         fields = {
