@@ -424,6 +424,18 @@ def plot_kv(json_path: str, png: str) -> None:
     fig.savefig(png, dpi=130)
 
 
+def draw(a: argparse.Namespace) -> None:
+    """``--plot`` and ``--plot-kv`` (with its tables) from every line of ``--json``."""
+    if a.plot:
+        plot(a.json, a.plot)
+    if a.plot_kv:
+        plot_kv(a.json, a.plot_kv)
+        rows = [json.loads(x) for x in open(a.json)]
+        for wl in ("W1", "W2"):
+            if kv_series(rows, wl):
+                print(kv_table(rows, wl) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=list(WORKLOADS), default="W1")
@@ -451,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG from every line of --json (no run when --configs is empty)")
     p.add_argument("--plot-kv", default=None, metavar="PNG",
-                   help="throughput against KV memory from every line of --json, and its table (no run when --configs is empty)")
+                   help="throughput against KV memory from every line of --json (after this run's), and its table (no run when --configs is empty)")
     p.add_argument("--structured-schema", default=None, metavar="builtin|FILE",
                    help="constrain every batchmax request to this JSON schema (builtin: BUILTIN_SCHEMA); default: unconstrained")
     p.add_argument("--structured-tokenizer", default=None, help="tokenizer folder for the grammar (default: the default model's)")
@@ -464,14 +476,7 @@ def main(argv=None):
     global SHAPE
     SHAPE = SHAPES[a.model_shape]
     if (a.plot or a.plot_kv) and not a.configs:
-        if a.plot:
-            plot(a.json, a.plot)
-        if a.plot_kv:
-            plot_kv(a.json, a.plot_kv)
-            rows = [json.loads(x) for x in open(a.json)]
-            for wl in ("W1", "W2"):
-                if kv_series(rows, wl):
-                    print(kv_table(rows, wl) + "\n")
+        draw(a)
         return
     n, prompt, out = WORKLOADS[a.workload]
     n = a.num_prompts or n
@@ -526,8 +531,7 @@ def main(argv=None):
         r["kv_gib"] = a.kv_gib
     print(f"\n{a.workload}: {n} x {prompt} -> {out} (HF peers on the first {a.peer_prompts} prompts{kv})\n" + table(rows))
     append_jsonl(a.json, *rows)
-    if a.plot:
-        plot(a.json, a.plot)
+    draw(a)
 
 
 if __name__ == "__main__":
