@@ -110,18 +110,17 @@ class ZmqTransport:
         self.push.send(data)
 
     def take(self, block: bool, timeout: float | None) -> list:
-        if self._orphaned():  # checked every iteration: a busy core must not run on unwatched
-            logger.error("the front end process is gone; stopping")
-            return [STOP]
         if block:
             deadline = None if timeout is None else time.monotonic() + timeout
             # wait in slices, to notice a front end that died without saying stop
             while not self.poller.poll(1000 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))):
                 if self._orphaned():
-                    logger.error("the front end process is gone; stopping")
-                    return [STOP]
+                    break
                 if deadline is not None and time.monotonic() >= deadline:
                     return []
+        if self._orphaned():  # every iteration, busy or idle: a core must not run on unwatched
+            logger.error("the front end process is gone; stopping")
+            return [STOP]
         cmds = []
         while True:
             try:
