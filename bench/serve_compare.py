@@ -92,18 +92,15 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def core_pid(server_pid: int) -> int:
     """The engine-core process that ``batchmax serve`` (pid ``server_pid``) started."""
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if ppid == server_pid and b"batchmax.engine.core_proc" in cmd:
-            return int(d)
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        with open(f"/proc/{server_pid}/task/{task}/children") as f:
+            for pid in f.read().split():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        if b"batchmax.engine.core_proc" in c.read():
+                            return int(pid)
+                except OSError:  # a child that has just exited
+                    continue
     raise RuntimeError(f"no engine-core process under pid {server_pid}")
 
 
