@@ -23,6 +23,26 @@ def test_decode_step_runs_batchmax_on_a_tiny_model(tiny_llama, tmp_path):
     assert rec["decode_step_ms"] == rows[0]["decode_step_ms"]
 
 
+def test_decode_step_starts_vllm_before_batchmax_holds_the_device(tiny_llama, monkeypatch):
+    """vLLM sizes its pool from the memory free when it starts; after batchmax's run this process
+    still caches that run's memory, so vLLM must go first (on the H200 it refused to start)."""
+    import bench.decode_step as ds
+
+    order = []
+
+    def fake(system):
+        def run(prompts, l1, l2, a, model):
+            order.append(system)
+            return dict(system=system, times={l1: [1.0], l2: [2.0]})
+        return run
+
+    monkeypatch.setattr(ds, "run_vllm", fake("vllm"))
+    monkeypatch.setattr(ds, "run_batchmax", fake("batchmax"))
+    rows = ds.main(["--model", str(tiny_llama), "--batch", "2", "--prompt-len", "4", "--lens", "2", "6", "--peers", "vllm"])
+    assert order == ["vllm", "batchmax"]
+    assert [r["system"] for r in rows] == ["batchmax", "vllm"]  # the table keeps batchmax first
+
+
 def _run(system, config, workload, tok_s, kv_gib=None, pool=None):
     return dict(system=system, config=config, workload=workload, total_tok_s=tok_s, output_tok_s=tok_s / 10,
                 kv_gib=kv_gib, kv_pool_tokens=pool)
