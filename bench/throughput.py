@@ -411,8 +411,11 @@ def plot_kv(json_path: str, png: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(x) for x in open(json_path)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, wl in zip(axes, ("W1", "W2")):
+    workloads = [wl for wl in ("W1", "W2") if kv_series(rows, wl)]  # a panel only where a run landed
+    if not workloads:
+        raise SystemExit(f"--plot-kv: no --kv-gib run in {json_path}")
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.2), squeeze=False)
+    for ax, wl in zip(axes[0], workloads):
         for name, pts in kv_series(rows, wl).items():
             xs, ys = zip(*(pts[c] for c in _columns({name: pts})))
             ax.plot(xs, ys, marker="o", linestyle="--" if name.startswith("vllm") else "-", label=name)

@@ -78,6 +78,13 @@ def test_kv_plot_draws_a_png(tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_kv(str(src), str(tmp_path / "kv.png"))
     assert (tmp_path / "kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one panel per workload that has runs (W1 here); a file without any is an error, not a blank plot
+    from PIL import Image
+
+    assert Image.open(tmp_path / "kv.png").size[0] == int(5.5 * 130)
+    src.write_text(json.dumps(_run("vllm", "defaults", "W1", 100)) + "\n")
+    with pytest.raises(SystemExit, match="no --kv-gib run"):
+        plot_kv(str(src), str(tmp_path / "none.png"))
 
 
 def test_offline_step_figures_count_every_scheduled_token(tiny_llama):
