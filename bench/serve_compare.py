@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import time
 import urllib.request
 
 from bench.engine_steps import from_metrics, scrape
+from bench.front_end import FrontEnd, process_cpu_s
 from bench.latency_report import table
 from bench.load_client import LoadConfig, run_load
 from bench.serve_load import http_summary, run_offline
@@ -66,6 +68,7 @@ def _healthy(url: str) -> bool:
 
 def start_server(cmd: list[str], url: str, log: str, timeout: float) -> subprocess.Popen:
     print("$ " + shlex.join(cmd), flush=True)
+    os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
     out = open(log, "wb")  # noqa: SIM115 - the server's whole life
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.monotonic()
@@ -143,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if a.py_spy and "batchmax" in a.systems and shutil.which("py-spy") is None:
+        p.error("--py-spy: no py-spy on PATH")  # before any run, not after the offline one
     if a.make_model:
         make_model(a.make_model, a.tokenizer)
         return 0
@@ -153,6 +158,7 @@ def main(argv=None) -> int:
     summaries, records = [], []
     for system in a.systems:
         t0 = time.monotonic()
+        front = None
         if system == "offline":
             engine_args = dict(num_tokens=a.kv_tokens)
             engine_args.update(_engine_args(a.batchmax_args))
@@ -174,11 +180,13 @@ def main(argv=None) -> int:
                     asyncio.run(run_load(cfg, warmup))
                 before = scrape(url) if system == "batchmax" else None
                 spy = start_py_spy(proc.pid, a.py_spy) if system == "batchmax" and a.py_spy else None
+                cpu0 = process_cpu_s(proc.pid)  # the API server process: both run the engine in a child
                 try:
                     run = asyncio.run(run_load(cfg, workload))
                 finally:
                     if spy is not None:
                         stop_py_spy(spy)
+                front = FrontEnd.of(run, process_cpu_s(proc.pid) - cpu0)
                 steps = from_metrics(before, scrape(url), run.duration) if system == "batchmax" else None
             finally:
                 stop_server(proc)
@@ -186,8 +194,11 @@ def main(argv=None) -> int:
         print(f"  {system}: {s.as_dict().get('total_tok_per_s', 0):,.0f} total tok/s ({time.monotonic() - t0:.0f} s with start-up)", flush=True)
         if steps is not None:  # the same workload's steps, server against offline engine (bench/engine_steps.py)
             print(f"  {system} engine: {steps.line()}", flush=True)
+        if front is not None:
+            print(f"  {system} front end: {front.line()}", flush=True)
         summaries.append(s)
-        records.append({"system": system, **s.as_dict(), **({"engine_steps": steps.as_dict()} if steps else {})})
+        records.append({"system": system, **s.as_dict(), **({"engine_steps": steps.as_dict()} if steps else {}),
+                        **({"front_end": front.as_dict()} if front else {})})
     print(f"\n{a.num_requests} requests, prompt {a.prompt_len}, output {a.output_len}, {a.concurrency} clients, "
           f"KV {a.kv_tokens} tokens, model {name} {a.label}")
     print(table(summaries))

@@ -97,3 +97,42 @@ def test_offline_step_figures_count_every_scheduled_token(tiny_llama):
     summary, steps = run_offline(work, str(tiny_llama), dict(device="cpu", num_tokens=4096), 0.0, True)
     assert steps.tokens == sum(len(r.prompt) + r.max_tokens - 1 for r in work)
     assert steps.steps > 0 and 0 < steps.step_s <= steps.wall_s
+
+
+def test_front_end_figures_from_a_run_and_the_process_cpu_time():
+    import os
+    import time
+
+    from bench.front_end import FrontEnd, process_cpu_s
+    from bench.load_client import LoadRun, RequestResult
+
+    cpu0, t0 = process_cpu_s(os.getpid()), time.process_time()
+    while time.process_time() - t0 < 0.3:  # burn CPU in this process
+        pass
+    assert process_cpu_s(os.getpid()) - cpu0 >= 0.25  # clock ticks of 10 ms: a little below 0.3 at worst
+
+    def res(chunks, tokens):
+        r = RequestResult(index=0)
+        r.num_chunks, r.completion_tokens = chunks, tokens
+        return r
+
+    run = LoadRun(results=[res(10, 10), res(5, 15)], duration=2.0, model="m")
+    fe = FrontEnd.of(run, cpu_s=0.5)
+    assert (fe.chunks, fe.tokens) == (15, 25)
+    assert fe.core_share == 0.25 and abs(fe.us_per_chunk - 1e6 * 0.5 / 15) < 1e-6 and abs(fe.tokens_per_chunk - 25 / 15) < 1e-12
+    assert fe.line() == "25% of one core (0.5 s CPU in 2.0 s), 33,333 us CPU per streamed chunk, 1.67 tokens per chunk"
+    assert fe.as_dict()["tokens_per_chunk"] == fe.tokens_per_chunk
+
+
+def test_serve_compare_refuses_py_spy_it_cannot_run_before_any_run(monkeypatch, capsys):
+    """On the H200 a missing py-spy surfaced only when the server's run began, after the
+    offline run, and lost the offline run's figures with it."""
+    import pytest
+
+    import bench.serve_compare as sc
+
+    monkeypatch.setattr(sc.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sc, "run_offline", lambda *a, **k: pytest.fail("ran before checking --py-spy"))
+    with pytest.raises(SystemExit) as exc:
+        sc.main(["--model", "m", "--systems", "offline", "batchmax", "--py-spy", "core.json"])
+    assert exc.value.code == 2 and "no py-spy on PATH" in capsys.readouterr().err
