@@ -124,13 +124,22 @@ class EngineLoop:
             cmds = self.transport.take(True, 0.5)
         else:
             cmds = self.transport.take(not has_work and not self.entries, None)
+        # adds are answered together, after one refresh of the stats (a burst of arrivals
+        # would otherwise recount the running requests' KV once per add), and always before
+        # a command that may end their requests
+        added: list[tuple[AddCommand, BaseException | None]] = []
         for cmd in cmds:
+            if isinstance(cmd, AddCommand):
+                added.append((cmd, self._apply_add(cmd)))
+                continue
+            self._answer(added)
             if cmd == STOP:
                 self._finish_all("abort", None)
                 return False
             self._apply(cmd)
         if cmds:
             self._refresh()
+        self._answer(added, refresh=False)
         if not self._engine_has_work():
             if self.entries:  # the engine holds none of them: they can never finish
                 self._finish_all("error", "the engine lost track of the request")
@@ -166,9 +175,7 @@ class EngineLoop:
 
     # ---------------------------------------------------------------- commands
     def _apply(self, cmd) -> None:
-        if isinstance(cmd, AddCommand):
-            self._apply_add(cmd)
-        elif isinstance(cmd, AbortCommand):
+        if isinstance(cmd, AbortCommand):
             ids = list(self.entries) if cmd.request_ids is None else cmd.request_ids
             finals = []
             for rid in ids:
@@ -178,7 +185,9 @@ class EngineLoop:
                     finals.append((rid, self._final(entry, cmd.reason, None)))
             self._dispatch(finals, time.monotonic())
 
-    def _apply_add(self, cmd: AddCommand) -> None:
+    def _apply_add(self, cmd: AddCommand) -> BaseException | None:
+        """Add the command's requests, all or none; the error that refused them, if any
+        (``_answer`` tells the transport)."""
         added: list[str] = []
         error: BaseException | None = None
         for rid, prompt, params in cmd.requests:
@@ -191,14 +200,21 @@ class EngineLoop:
         if error is not None:
             for rid in added:
                 self._engine_abort(rid)  # all or nothing: the engine's abort output is ignored
-            self._refresh()
-            self.transport.accepted(cmd, error, self.state)
-            return
+            return error
         now = time.monotonic()
         for rid, prompt, _ in cmd.requests:
             self.entries[rid] = LoopEntry(rid, cmd.tag, prompt, now)
-        self._refresh()
-        self.transport.accepted(cmd, None, self.state)
+        return None
+
+    def _answer(self, added: list[tuple[AddCommand, BaseException | None]], refresh: bool = True) -> None:
+        """Tell the transport which adds were applied or refused (and empty ``added``)."""
+        if not added:
+            return
+        if refresh:
+            self._refresh()
+        for cmd, error in added:
+            self.transport.accepted(cmd, error, self.state)
+        added.clear()
 
     # ---------------------------------------------------------------- outputs
     def _dispatch(self, outputs: list[tuple[str, RequestOutput]], t: float, refresh: bool = True) -> None:
