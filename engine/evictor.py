@@ -263,8 +263,13 @@ class Evictor:
         self._keep_front(layer, meta, members, np.asarray(keep, dtype=np.int64), keep_idx, keys, values, key_pos, result.state)
         parking = [i for i, m in enumerate(members) if m.recall and m.evict_layers[layer]]
         if parking:
-            pidx = stage(parking, torch.int64)
-            sel = lambda t: None if t is None else t.index_select(0, pidx)  # noqa: E731
+            if len(parking) == len(members):
+                # every member parks (the rule when recall is on): no copy. On the H200 the
+                # index_select of keys and values cost 9.3 ms of a 235 ms W1 prefill step.
+                sel = lambda t: t  # noqa: E731
+            else:
+                pidx = stage(parking, torch.int64)
+                sel = lambda t: None if t is None else t.index_select(0, pidx)  # noqa: E731
             self._park(
                 layer, [members[i] for i in parking], [lens[i] - keep[i] for i in parking], sel(keep_idx), sel(key_mask),
                 sel(keys), sel(values), sel(key_pos), sel(result.state),

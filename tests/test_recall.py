@@ -240,3 +240,26 @@ def test_recalled_tokens_bring_their_own_keys_and_values(policy, recall_attentio
     for key, (k, v) in a.items():
         torch.testing.assert_close(b[key][0], k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b[key][1], v, rtol=1e-5, atol=1e-5)
+
+
+def test_recall_and_plain_requests_evicting_in_one_step_keep_what_they_keep_alone(tiny_llama):
+    """A step whose policy group mixes recall and plain requests parks only the recall ones'
+    dropped tokens (a subset of the group's rows): each keeps what it keeps alone."""
+    prompts = random_prompts([300, 300], seed=5)
+
+    def kept(reqs):
+        e = _engine(tiny_llama, kv_policy="snapkv", chunk_size=32)
+        for rid, p, recall in reqs:
+            e.add_request(rid, p, _greedy(3, kv_recall=recall))
+        while not all(e.requests[rid].output_token_ids for rid, _, _ in reqs):
+            e.step()
+        c, out = e.cache, {}
+        for rid, _, _ in reqs:
+            slots = c.slots(torch.from_numpy(c.block_table([rid])))[0]
+            out[rid] = [[sorted(h) for h in c.pos[l, slots[: c.seqs[rid].lens[l]]].T.tolist()] for l in range(c.num_layers)]
+        return out
+
+    alone = {**kept([("a", prompts[0], True)]), **kept([("b", prompts[1], False)])}
+    # the plain request first: the recall one's rows are not the group's first ones
+    assert kept([("b", prompts[1], False), ("a", prompts[0], True)]) == alone
+    assert alone["a"] != kept([("a", prompts[0], False)])["a"]  # recall changed what "a" keeps
