@@ -40,6 +40,8 @@ def main(argv=None) -> dict:
     p.add_argument("--kv-budget", type=int, default=None)
     p.add_argument("--kv-recall", action="store_true")
     p.add_argument("--host-kv-tokens", type=int, default=131072, help="recall's host store, tokens per layer (as bench/throughput.py)")
+    p.add_argument("--recall-stage-tokens", type=int, default=32768,
+                   help="recall: most parked tokens per layer re-selected in one group (the engine's recall_stage_tokens)")
     p.add_argument("--fused-ops", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton RMSNorm/RoPE/SiLU kernels (default: with the Triton attention)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
@@ -65,7 +67,8 @@ def main(argv=None) -> dict:
     llm = LLM(shape_only_model(LLAMA3_8B) if dummy else a.model, load_format="dummy" if dummy else "auto",
               skip_tokenizer_init=True, device=a.device, chunk_size=a.chunk,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=a.kv_policy,
-              kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, cuda_graphs=a.cuda_graphs, fused_ops=a.fused_ops,
+              kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None,
+              recall_stage_tokens=a.recall_stage_tokens, cuda_graphs=a.cuda_graphs, fused_ops=a.fused_ops,
               async_scheduling=a.async_scheduling, cuda_graph_max_batch=max(256, a.max_num_seqs))
     eng = llm.engine
     vocab = eng.runner.spec.vocab_size
@@ -192,7 +195,7 @@ def main(argv=None) -> dict:
     full_dec = [s for s in dec if s["batch"] == max(x["batch"] for x in dec)] if dec else []
     total = a.num_prompts * (a.prompt_len + a.output_len)
     res = dict(device=torch.cuda.get_device_name() if cuda else "cpu", num_prompts=a.num_prompts, prompt_len=a.prompt_len, output_len=a.output_len,
-               chunk=a.chunk, kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, fused_ops=eng.runner.fused_ops, cuda_graphs=a.cuda_graphs,
+               chunk=a.chunk, kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, recall_stage_tokens=a.recall_stage_tokens if a.kv_recall else None, fused_ops=eng.runner.fused_ops, cuda_graphs=a.cuda_graphs,
                async_scheduling=eng.async_scheduling,
                elapsed_s=round(elapsed, 2), total_tok_s=round(total / elapsed), prefill=summary(pre), prefill_completing_prompts=summary(last),
                prefill_other=summary([s for s in pre if not s["last_chunks"]]), decode=summary(dec),

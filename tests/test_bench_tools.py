@@ -136,3 +136,20 @@ def test_serve_compare_refuses_py_spy_it_cannot_run_before_any_run(monkeypatch, 
     with pytest.raises(SystemExit) as exc:
         sc.main(["--model", "m", "--systems", "offline", "batchmax", "--py-spy", "core.json"])
     assert exc.value.code == 2 and "no py-spy on PATH" in capsys.readouterr().err
+
+
+def test_profile_steps_splits_the_steps_of_a_recall_run(tiny_llama, tmp_path):
+    from bench.profile_steps import main as profile_main
+
+    out = tmp_path / "p.jsonl"
+    res = profile_main(["--model", str(tiny_llama), "--device", "cpu", "--num-prompts", "4", "--prompt-len", "128",
+                        "--output-len", "3", "--chunk", "32", "--max-num-batched-tokens", "64", "--kv-policy", "snapkv",
+                        "--kv-budget", "24", "--kv-recall", "--host-kv-tokens", "4096", "--recall-stage-tokens", "100",
+                        "--json", str(out)])
+    assert res["recall_stage_tokens"] == 100 and res["kv_recall"] is True
+    # 4 prompts of 4 chunks, 64 tokens a step: the first two complete together at step 3; then
+    # their decodes take 2 of the 64 tokens, so the other two read 31-token chunks and complete
+    # in two more steps: 9 prefill steps, 3 of them completing prompts
+    pre, done, other = res["prefill"], res["prefill_completing_prompts"], res["prefill_other"]
+    assert (pre["steps"], done["steps"], other["steps"]) == (9, 3, 6)
+    assert json.loads(out.read_text().splitlines()[-1])["prefill"]["steps"] == 9
