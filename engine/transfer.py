@@ -19,7 +19,12 @@ class PinnedStager:
     host writes into a half again, it waits for the event recorded when it last left that
     half, i.e. until the copies queued from it have run (in practice long done, so no wait)."""
 
-    def __init__(self, device: torch.device | str, nbytes: int = 8 << 20) -> None:
+    def __init__(self, device: torch.device | str, nbytes: int = 64 << 20) -> None:
+        """``nbytes``: the pinned buffer. A W1 prefill step (8B shape, 16 chunks of 512,
+        snapkv@512) stages 10 MiB of indices, and one where 16 recall prompts complete 34 MiB
+        (counted on the CPU); with halves of 4 MiB the host switched halves up to 9 times in
+        such a step, each time waiting for the GPU to pass the previous switch, which caps how
+        far ahead of the GPU it may run. Halves of 32 MiB switch about once in three steps."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.half = nbytes // 2
