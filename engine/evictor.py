@@ -119,6 +119,17 @@ class Evictor:
         self.peak_staged_tokens = 0
         """Most parked tokens (per layer) on the device at once in this step: the group being
         re-selected plus the one loading."""
+        self._memo: dict[tuple, object] = {}  # see ``_shared``
+
+    def _shared(self, key: tuple, make):
+        """``make()`` (device tensors of indices known on the host), made once per step for
+        ``key``. The layers of a step share them whenever they evict the same counts (a policy
+        with one budget for every layer), so later layers skip the staging copies and the
+        index arithmetic: on W1 a prefill step staged 263 index copies, ~8 per layer."""
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = make()
+        return hit
 
     # ---- planning (before the forward) -------------------------------------------------------
 
@@ -235,9 +246,13 @@ class Evictor:
         stage = cache.stager.to_device  # every index goes up staged: a list index would sync
         lens = [meta.lens[m.b][layer] + m.n for m in members]  # held after this step's writes
         T = max(lens)
-        slots = meta.slots.index_select(0, stage([m.b for m in members], torch.int64))[:, :T]  # (B, T); pad entries are valid slots of the row
-        lens_t = stage(lens, torch.int64)
-        key_mask = torch.arange(T, device=dev)[None, :] < lens_t[:, None]  # (B, T)
+        rows = tuple(m.b for m in members)
+
+        def rows_and_mask():
+            slots = meta.slots.index_select(0, stage(list(rows), torch.int64))[:, :T]  # (B, T); pad entries are valid slots of the row
+            return slots, torch.arange(T, device=dev)[None, :] < stage(lens, torch.int64)[:, None]  # (B, T)
+
+        slots, key_mask = self._shared(("score", rows, tuple(lens)), rows_and_mask)
         keys = cache.k[layer, slots].transpose(1, 2)  # (B, H_kv, T, D)
         values = cache.v[layer, slots].transpose(1, 2)
         key_pos = cache.pos[layer, slots].transpose(1, 2).to(torch.int64)  # (B, H_kv, T)
@@ -259,7 +274,8 @@ class Evictor:
         # rows that do not evict keep everything (stateful policies still update their state);
         # every count is known on the host, so nothing here waits for the GPU
         keep = [min(m.req.layer_budgets[layer], ln) if m.evict_layers[layer] else ln for m, ln in zip(members, lens)]
-        keep_idx, _ = select_keep(result.scores, key_mask, stage(keep, torch.int64), pol.sink, pol.window, max_keep=max(keep))
+        keep_t = self._shared(("keep", tuple(keep)), lambda: stage(keep, torch.int64))
+        keep_idx, _ = select_keep(result.scores, key_mask, keep_t, pol.sink, pol.window, max_keep=max(keep))
         self._keep_front(layer, meta, members, np.asarray(keep, dtype=np.int64), keep_idx, keys, values, key_pos, result.state)
         parking = [i for i, m in enumerate(members) if m.recall and m.evict_layers[layer]]
         if parking:
@@ -268,7 +284,7 @@ class Evictor:
                 # index_select of keys and values cost 9.3 ms of a 235 ms W1 prefill step.
                 sel = lambda t: t  # noqa: E731
             else:
-                pidx = stage(parking, torch.int64)
+                pidx = self._shared(("park", tuple(parking)), lambda: stage(parking, torch.int64))
                 sel = lambda t: None if t is None else t.index_select(0, pidx)  # noqa: E731
             self._park(
                 layer, [members[i] for i in parking], [lens[i] - keep[i] for i in parking], sel(keep_idx), sel(key_mask),
@@ -292,10 +308,14 @@ class Evictor:
         pool, per head: the kept tokens move to the front. ``values_at`` (B, H, T): where each
         index of the keys' order is in ``values``, when values are in another order."""
         stage = self.cache.stager.to_device
-        rows, cols = _ragged(keep)  # (M,) member of each kept token and its place in the row
         b_of = np.array([m.b for m in members], dtype=np.int64)
-        dst = meta.slots[stage(torch.from_numpy(b_of[rows]), torch.int64), stage(torch.from_numpy(cols), torch.int64)]
-        rows, cols = stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
+
+        def places():
+            rows, cols = _ragged(keep)  # (M,) member of each kept token and its place in the row
+            dst = meta.slots[stage(torch.from_numpy(b_of[rows]), torch.int64), stage(torch.from_numpy(cols), torch.int64)]
+            return dst, stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
+
+        dst, rows, cols = self._shared(("front", b_of.tobytes(), keep.tobytes()), places)
         gidx = keep_idx[..., None].expand(-1, -1, -1, keys.shape[-1])
         take = lambda t, ix: t.gather(2, ix)[rows, :, cols]  # noqa: E731  (B, H, K[, D]) -> (M, H[, D])
         cache = self.cache
@@ -361,12 +381,17 @@ class Evictor:
         Um = int(U.max())
         # flat union index (member * Um + column) of every token: parked first, then the pool's,
         # as the unbatched concatenation had them (the sort below is stable)
-        p_row, p_col = _ragged(P)
-        t_row, t_j = _ragged(T)  # t_j: index among the member's pool tokens
-        p_at = stage(torch.from_numpy(p_row * Um + p_col), torch.int64)
-        t_at = stage(torch.from_numpy(t_row * Um + P[t_row] + t_j), torch.int64)
         b_of = np.array([m.b for m in members], dtype=np.int64)
-        t_slots = meta.slots[stage(torch.from_numpy(b_of[t_row]), torch.int64), stage(torch.from_numpy(t_j), torch.int64)]  # (ΣT,)
+        t_row, t_j = _ragged(T)  # t_j: index among the member's pool tokens
+
+        def places():
+            p_row, p_col = _ragged(P)
+            p_at = stage(torch.from_numpy(p_row * Um + p_col), torch.int64)
+            t_at = stage(torch.from_numpy(t_row * Um + P[t_row] + t_j), torch.int64)
+            t_slots = meta.slots[stage(torch.from_numpy(b_of[t_row]), torch.int64), stage(torch.from_numpy(t_j), torch.int64)]  # (ΣT,)
+            return p_at, t_at, t_slots
+
+        p_at, t_at, t_slots = self._shared(("union", b_of.tobytes(), P.tobytes(), T.tobytes()), places)
 
         def union(parked: torch.Tensor, pooled: torch.Tensor, fill=0) -> torch.Tensor:  # -> (B, Um, H[, D])
             shape = (B * Um, *parked.shape[1:])
@@ -390,7 +415,7 @@ class Evictor:
             old = stage(torch.from_numpy(t_j < held[t_row]), torch.bool)  # this chunk's keys start at 0
             cur = cache.state[layer].index_select(0, t_slots) * old[:, None]
             state = union(staged.state, cur).gather(1, order).transpose(1, 2)
-        key_mask = torch.arange(Um, device=dev)[None, :] < stage(torch.from_numpy(U), torch.int64)[:, None]  # (B, Um)
+        key_mask = self._shared(("umask", U.tobytes()), lambda: torch.arange(Um, device=dev)[None, :] < stage(torch.from_numpy(U), torch.int64)[:, None])  # (B, Um)
         queries = q_pos = q_mask = None
         if pol.needs_queries:
             queries, q_pos, q_mask = self._queries(pol, members, layer, q, meta)
@@ -401,7 +426,8 @@ class Evictor:
 
         budgets = held if before else np.array([m.req.layer_budgets[layer] for m in members], dtype=np.int64)
         keep = np.minimum(budgets, U)  # known on the host: no device sync
-        keep_idx, _ = select_keep(result.scores, key_mask, stage(torch.from_numpy(keep), torch.int64), pol.sink, pol.window, max_keep=int(keep.max()))
+        keep_t = self._shared(("keep", tuple(keep.tolist())), lambda: stage(torch.from_numpy(keep), torch.int64))
+        keep_idx, _ = select_keep(result.scores, key_mask, keep_t, pol.sink, pol.window, max_keep=int(keep.max()))
         self._keep_front(layer, meta, members, keep, keep_idx, keys, values, pos, result.state, values_at=to_union)
         if before:
             self._park(layer, members, (U - keep).tolist(), keep_idx, key_mask, keys, values, pos, result.state, replace=True,
@@ -417,8 +443,9 @@ class Evictor:
             W = pol.obs_window
             queries = torch.stack([w.q[layer] for w in wins]).permute(0, 2, 1, 3)  # (B, H_q, W, D)
             q_pos = torch.stack([w.pos for w in wins])  # (B, W)
-            filled = self.cache.stager.to_device([w.filled for w in wins], torch.int64)
-            q_mask = torch.arange(W, device=dev)[None, :] >= (W - filled)[:, None]  # newest at the end
+            filled = tuple(w.filled for w in wins)
+            q_mask = self._shared(("window", W, filled), lambda: torch.arange(W, device=dev)[None, :]
+                                  >= (W - self.cache.stager.to_device(list(filled), torch.int64))[:, None])  # newest at the end
             return queries, q_pos, q_mask
         # every query of this step (stateful policies fold them in step by step)
         W = max(m.n for m in members)

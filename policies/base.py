@@ -23,7 +23,9 @@ import torch
 
 @dataclass
 class ScoreContext:
-    """What a policy sees for one layer, batched over the requests being evicted (right-padded)."""
+    """What a policy sees for one layer, batched over the requests being evicted (right-padded).
+    Read-only: the masks are shared by the layers of a step, and keys and values are views of
+    the cache's gather."""
 
     keys: torch.Tensor
     """(B, H_kv, T, D) post-RoPE keys held in this layer: kept tokens, then this step's new ones."""
