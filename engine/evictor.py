@@ -15,7 +15,7 @@ or, for ``obs_window=None`` (h2o), this step's queries: such policies are statef
 every step's queries into their running state, evicting or not, so no query is missed.
 
 Everything is batched over the requests of one policy per layer: one gather of their keys,
-one ``score``, one ``select_keep``, one scatter back into the pool.
+one ``score``, one ``select_keep`` (its plan made once per step), one scatter back into the pool.
 
 Recall (``Request.recall``): the tokens a prefill chunk drops are parked in the host store
 instead of being lost. At the prompt's last chunk, after the chunk's attention (which used
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from batchmax.engine.attention import PoolAttention
-from batchmax.engine.eviction import select_keep
+from batchmax.engine.eviction import keep_plan, select_planned
 from batchmax.engine.host_store import HostKVStore, StagedRun
 from batchmax.engine.kv_cache import KVCache
 from batchmax.engine.request import Request
@@ -120,6 +120,11 @@ class Evictor:
         """Most parked tokens (per layer) on the device at once in this step: the group being
         re-selected plus the one loading."""
         self._memo: dict[tuple, object] = {}  # see ``_shared``
+        self._fresh: dict[tuple[int, str], tuple[dict[str, int], torch.Tensor]] = {}
+        """(layer, group key) -> (request id -> row, (M, W, H_q, D)): this step's observation
+        windows of the members whose chunk fills the whole window, gathered from the layer's
+        queries in one index (``_push_windows``); written to their ``QueryWindow`` at
+        ``finish``, once for all layers."""
 
     def _shared(self, key: tuple, make):
         """``make()`` (device tensors of indices known on the host), made once per step for
@@ -222,14 +227,32 @@ class Evictor:
     def before_attention(self, layer: int, q: torch.Tensor, attn: PoolAttention) -> None:
         """After the step's K/V are written, before the layer attends."""
         meta = attn.meta
-        for group in self.groups.values():
-            for m in group.members:
-                if m.windowed:
-                    s, e = meta.query_start[m.b], meta.query_start[m.b + 1]
-                    self.windows[m.req.request_id].push(layer, q[s:e])
+        self._push_windows(layer, q, meta)
         if self.recall_attention == "recalled":
             for key in self.groups:
                 self._recall_groups(layer, key, True, q, meta)
+
+    def _push_windows(self, layer: int, q: torch.Tensor, meta) -> None:
+        """This layer's queries into the members' observation windows. A chunk at least as
+        long as the window replaces it: those members' windows are one gather of ``q`` for
+        the whole group (a copy per member and layer cost W1 32 operators a layer); shorter
+        chunks (decode, a short last chunk) shift into the stored window."""
+        for key, group in self.groups.items():
+            whole: list[_Member] = []
+            for m in group.members:
+                if not m.windowed:
+                    continue
+                if m.n >= group.policy.obs_window:
+                    whole.append(m)
+                else:
+                    self.windows[m.req.request_id].push(layer, q[meta.query_start[m.b] : meta.query_start[m.b + 1]])
+            if whole:
+                W = group.policy.obs_window
+                ends = tuple(meta.query_start[m.b + 1] for m in whole)
+                rows = self._shared(("wrows", W, ends), lambda ends=ends, W=W: self.cache.stager.to_device(
+                    torch.from_numpy((np.asarray(ends, dtype=np.int64)[:, None] + np.arange(-W, 0)).reshape(-1)), torch.int64))
+                got = q.index_select(0, rows).view(len(whole), W, q.shape[1], q.shape[2])  # (M, W, H_q, D)
+                self._fresh[(layer, key)] = ({m.req.request_id: i for i, m in enumerate(whole)}, got)
 
     def __call__(self, layer: int, q: torch.Tensor, attn: PoolAttention) -> None:
         """After the layer attended: evict (and park, and recall)."""
@@ -274,8 +297,9 @@ class Evictor:
         # rows that do not evict keep everything (stateful policies still update their state);
         # every count is known on the host, so nothing here waits for the GPU
         keep = [min(m.req.layer_budgets[layer], ln) if m.evict_layers[layer] else ln for m, ln in zip(members, lens)]
-        keep_t = self._shared(("keep", tuple(keep)), lambda: stage(keep, torch.int64))
-        keep_idx, _ = select_keep(result.scores, key_mask, keep_t, pol.sink, pol.window, max_keep=max(keep))
+        plan = self._shared(("plan", rows, tuple(lens), tuple(keep), pol.sink, pol.window), lambda: keep_plan(
+            key_mask, stage(keep, torch.int64), pol.sink, pol.window, max_keep=max(keep), uniform=len(set(keep)) == 1))
+        keep_idx = select_planned(result.scores, plan)
         self._keep_front(layer, meta, members, np.asarray(keep, dtype=np.int64), keep_idx, keys, values, key_pos, result.state)
         parking = [i for i, m in enumerate(members) if m.recall and m.evict_layers[layer]]
         if parking:
@@ -426,8 +450,10 @@ class Evictor:
 
         budgets = held if before else np.array([m.req.layer_budgets[layer] for m in members], dtype=np.int64)
         keep = np.minimum(budgets, U)  # known on the host: no device sync
-        keep_t = self._shared(("keep", tuple(keep.tolist())), lambda: stage(torch.from_numpy(keep), torch.int64))
-        keep_idx, _ = select_keep(result.scores, key_mask, keep_t, pol.sink, pol.window, max_keep=int(keep.max()))
+        plan = self._shared(("uplan", U.tobytes(), keep.tobytes(), pol.sink, pol.window), lambda: keep_plan(
+            key_mask, stage(torch.from_numpy(keep), torch.int64), pol.sink, pol.window, max_keep=int(keep.max()),
+            uniform=bool((keep == keep[0]).all())))
+        keep_idx = select_planned(result.scores, plan)
         self._keep_front(layer, meta, members, keep, keep_idx, keys, values, pos, result.state, values_at=to_union)
         if before:
             self._park(layer, members, (U - keep).tolist(), keep_idx, key_mask, keys, values, pos, result.state, replace=True,
@@ -439,10 +465,22 @@ class Evictor:
     def _queries(self, pol: EvictionPolicy, members: list[_Member], layer: int, q: torch.Tensor, meta):
         dev = q.device
         if pol.obs_window is not None:
-            wins = [self.windows[m.req.request_id] for m in members]
+            fresh = self._fresh.get((layer, repr(pol)))  # groups are keyed by their policy's repr
+            rids = tuple(m.req.request_id for m in members)
+            wins = [self.windows[rid] for rid in rids]
             W = pol.obs_window
-            queries = torch.stack([w.q[layer] for w in wins]).permute(0, 2, 1, 3)  # (B, H_q, W, D)
-            q_pos = torch.stack([w.pos for w in wins])  # (B, W)
+            at = [fresh[0].get(rid) for rid in rids] if fresh is not None else [None]
+            if None not in at:  # every member's window is this step's gather
+                got = fresh[1]
+                if at != list(range(len(got))):
+                    got = got.index_select(0, self._shared(("wsel", tuple(at)), lambda: self.cache.stager.to_device(at, torch.int64)))
+            else:
+                if fresh is not None:  # some members shifted their stored window: write the gathered ones too
+                    for rid, i in fresh[0].items():
+                        self.windows[rid].q[layer].copy_(fresh[1][i])
+                got = torch.stack([w.q[layer] for w in wins])
+            queries = got.permute(0, 2, 1, 3)  # (B, H_q, W, D)
+            q_pos = self._shared(("qpos", rids), lambda: torch.stack([w.pos for w in wins]))  # (B, W): the same in every layer
             filled = tuple(w.filled for w in wins)
             q_mask = self._shared(("window", W, filled), lambda: torch.arange(W, device=dev)[None, :]
                                   >= (W - self.cache.stager.to_device(list(filled), torch.int64))[:, None])  # newest at the end
@@ -466,6 +504,12 @@ class Evictor:
         """Lower the held lengths of the layers that evicted (after the step's commit)."""
         if self._recall_queue:  # the plan and the hooks disagree: a bug, not a user error
             raise RuntimeError(f"recall re-selections planned but not run: {[(l, b) for l, _, b, _ in self._recall_queue]}")
+        for key in {k for _, k in self._fresh}:  # the gathered windows, all layers of a member at once
+            layers = [self._fresh[(layer, key)] for layer in range(self.num_layers)]
+            stacked = torch.stack([got for _, got in layers], dim=1)  # (M, L, W, H_q, D)
+            for rid, i in layers[0][0].items():
+                self.windows[rid].q.copy_(stacked[i])
+        self._fresh.clear()
         for rid, lens in self.new_lens.items():
             cur = self.cache.seqs[rid].lens
             self.cache.set_lens(rid, [c if n is None else n for c, n in zip(cur, lens)])

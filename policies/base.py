@@ -140,24 +140,19 @@ def window_attention(ctx: ScoreContext) -> torch.Tensor:
     if H_q % H_kv:
         raise ValueError(f"query heads ({H_q}) must be a multiple of KV heads ({H_kv})")
     G = H_q // H_kv
-    q = ctx.queries.float().reshape(B, H_kv, G, W, D)  # (B, H_kv, G, W, D): query heads grouped by KV head
-    k = ctx.keys.float()  # (B, H_kv, T, D)
-    logits = torch.einsum("bhgwd,bhtd->bhgwt", q, k) * (1.0 / math.sqrt(D))  # (B, H_kv, G, W, T)
+    # query heads grouped by KV head, the scale folded into the (smaller) queries
+    q = ctx.queries.reshape(B, H_kv, G * W, D).to(torch.float32) * (1.0 / math.sqrt(D))  # (B, H_kv, G*W, D)
+    logits = torch.matmul(q, ctx.keys.to(torch.float32).transpose(-1, -2)).view(B, H_kv, G, W, T)  # (B, H_kv, G, W, T)
 
     kp = positions_per_head(ctx)  # (B, H_kv, T)
     visible = (
-        ctx.key_mask[:, None, None, :]
+        (kp[:, :, None, :] <= ctx.query_positions[:, None, :, None])
+        & ctx.key_mask[:, None, None, :]
         & ctx.query_mask[:, None, :, None]
-        & (kp[:, :, None, :] <= ctx.query_positions[:, None, :, None])
     )  # (B, H_kv, W, T)
-    visible = visible[:, :, None]  # (B, H_kv, 1, W, T)
-    logits = logits.masked_fill(~visible, float("-inf"))
-    # Softmax by hand so that a row with no visible key gives zeros instead of NaN.
-    row_max = logits.amax(dim=-1, keepdim=True)  # (B, H_kv, G, W, 1)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    exp = torch.exp(logits - row_max)  # exp(-inf) = 0 on hidden keys
-    denom = exp.sum(dim=-1, keepdim=True)
-    return exp / denom.clamp_min(torch.finfo(torch.float32).tiny)
+    logits = torch.where(visible[:, :, None], logits, float("-inf"))
+    # a row with no visible key is all -inf: softmax makes it NaN, and it must be zeros
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 
 def attention_received(ctx: ScoreContext, query_block: int = 128) -> torch.Tensor:
@@ -169,6 +164,8 @@ def attention_received(ctx: ScoreContext, query_block: int = 128) -> torch.Tenso
     _require_queries(ctx)
     W = ctx.queries.shape[2]
     B, H_kv, T, _ = ctx.keys.shape
+    if W <= query_block:  # one block (snapkv's window): no running total
+        return window_attention(ctx).sum(dim=(2, 3))
     total = torch.zeros(B, H_kv, T, dtype=torch.float32, device=ctx.keys.device)
     for start in range(0, W, query_block):
         end = min(start + query_block, W)

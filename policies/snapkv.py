@@ -32,11 +32,10 @@ class SnapKVPolicy(EvictionPolicy):
         _require_queries(ctx)
         B, H_kv, T, _ = ctx.keys.shape
         G = ctx.queries.shape[1] // H_kv
-        n_queries = ctx.query_mask.sum(dim=1).clamp_min(1).to(torch.float32)  # (B,)
+        n_queries = ctx.query_mask.sum(dim=1, dtype=torch.float32).clamp_min(1.0)  # (B,)
+        # padded keys received exactly 0 (no query sees them), so pooling cannot pull a padded
+        # value into a real key: attention is >= 0
         mean = attention_received(ctx) / (G * n_queries)[:, None, None]  # (B, H_kv, T)
-        # Padded keys receive no attention already; zero them explicitly anyway so pooling can
-        # never pull a padded value into a real key (attention is >= 0, so 0 is neutral).
-        mean = mean.masked_fill(~ctx.key_mask[:, None, :], 0.0)
         if self.kernel > 1:
             # stride 1 and padding kernel//2 keep length T; the implicit padding is -inf.
             pooled = F.max_pool1d(mean.reshape(B * H_kv, 1, T), self.kernel, 1, self.kernel // 2)

@@ -153,3 +153,27 @@ def test_profile_steps_splits_the_steps_of_a_recall_run(tiny_llama, tmp_path):
     pre, done, other = res["prefill"], res["prefill_completing_prompts"], res["prefill_other"]
     assert (pre["steps"], done["steps"], other["steps"]) == (9, 3, 6)
     assert json.loads(out.read_text().splitlines()[-1])["prefill"]["steps"] == 9
+
+
+def _step_ops(n: int, recall: bool) -> dict[str, int]:
+    from bench.step_ops import main as step_ops_main
+
+    args = ["--num-requests", str(n), "--prompt-len", "256", "--chunk", "64", "--kv-budget", "32", "--top", "0"]
+    return step_ops_main(args + (["--kv-recall"] if recall else []))["by_function"]
+
+
+def test_eviction_issues_the_same_operators_per_layer_whatever_the_batch():
+    # On a GPU every operator is a launch: the evictor batches its members, so one prefill step
+    # of the 1B layout (16 layers) issues as many eviction operators for 5 members as for 2.
+    # Only per-step work grows with them (a window's positions, its copy at the step's end).
+    two, five = _step_ops(2, False), _step_ops(5, False)
+    per_step = {"engine/evictor.py:finish", "engine/evictor.py:push_positions"}
+    evicting = {fn for fn in two | five if fn.startswith(("engine/evictor.py", "engine/eviction.py", "policies/"))}
+    assert evicting - per_step and all(two.get(fn) == five.get(fn) for fn in evicting - per_step)
+    assert five["engine/evictor.py:push_positions"] - two["engine/evictor.py:push_positions"] == 3  # one a member
+    # select_keep's plan is made once a step, its sorts once a layer; the windows are one
+    # gather a layer
+    assert two["engine/eviction.py:keep_plan"] < 16 and two["engine/evictor.py:_push_windows"] == 16
+    # recall parks one copy per member, layer and tensor (k, v, pos): 3 x 16 more for 3 more members
+    r2, r5 = _step_ops(2, True), _step_ops(5, True)
+    assert r5["engine/host_store.py:copies"] - r2["engine/host_store.py:copies"] == 3 * 16 * 3
