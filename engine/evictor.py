@@ -355,13 +355,11 @@ class Evictor:
     def _dropped(keep_idx: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """Indices of the keys ``keep_idx`` leaves out, in position order: (B, H, T) with the
         dropped ones first."""
-        B, H, _ = keep_idx.shape
-        T = key_mask.shape[1]
-        kept = torch.zeros(B, H, T, dtype=torch.bool, device=keep_idx.device)
+        H = keep_idx.shape[1]
+        kept = key_mask.logical_not()[:, None, :].repeat(1, H, 1)  # (B, H, T): padding is never dropped
         kept.scatter_(2, keep_idx, True)  # padding entries repeat a kept index: harmless
-        dropped = key_mask[:, None, :] & ~kept
-        order = torch.sort((~dropped).to(torch.int8), dim=-1, stable=True).indices  # stable: position order
-        return order
+        # 0 for the dropped keys, 1 for the others; stable: position order among each
+        return torch.sort(kept.view(torch.int8), dim=-1, stable=True).indices
 
     def _park(self, layer, members, counts, keep_idx, key_mask, keys, values, key_pos, state, replace: bool = False,
               values_at: torch.Tensor | None = None) -> None:
@@ -379,7 +377,7 @@ class Evictor:
 
         def take(t: torch.Tensor, at: torch.Tensor = idx) -> torch.Tensor:  # (B, H, T[, D]) -> (B, C, H[, D]), one gather for all
             ix = at[..., None].expand(-1, -1, -1, t.shape[-1]) if t.dim() == 4 else at
-            return t.gather(2, ix).transpose(1, 2).contiguous()
+            return t.gather(2, ix).transpose(1, 2)  # the store packs them into records in one kernel
 
         # rows are contiguous (c, H[, D]) slices: one copy per tensor and host run
         items = [(m.req.request_id, i, c) for i, (m, c) in enumerate(zip(members, counts)) if c]

@@ -2,9 +2,11 @@
 
 A ``KVCache`` on the CPU (pinned when the engine runs on CUDA) with large blocks. A request
 reserves its blocks at admission as one contiguous run where it can, so that a layer's
-parked run is a single slice of the store and parking or loading it is one copy per tensor
-(k, v, pos): the copies are issued from Python one by one, and on W1 their count, not their
-bytes, was what recall cost.
+parked run is a single slice of the store; and the store keeps one record per token and KV
+head, [k | v | pos | state] in bytes (``rec``), so that parking or loading that slice is one
+copy, not one per tensor. The copies are issued from Python one by one, and on W1 their
+count, not their bytes, was what recall cost. ``k``, ``v``, ``pos`` and ``state`` are views
+of the records.
 
 Streams (CUDA): parks go to the host on ``copy_stream`` and overlap the next layers' compute;
 loads come back on their own ``load_stream`` (PCIe is full duplex, so a load need not queue
@@ -38,15 +40,15 @@ class StagedRun:
     state: torch.Tensor | None
     counts: list[int]
     event: torch.cuda.Event | None = None
+    records: torch.Tensor | None = None
+    """(P, H, R) uint8: the records that k, v, pos and state view."""
 
     def ready(self) -> "StagedRun":
         """Make the current stream wait for the copies (CUDA) before it reads the tensors."""
         if self.event is not None:
             cur = torch.cuda.current_stream(self.k.device)
             cur.wait_event(self.event)
-            for t in (self.k, self.v, self.pos, self.state):
-                if t is not None:
-                    t.record_stream(cur)  # allocated on the load stream, freed after use here
+            self.records.record_stream(cur)  # allocated on the load stream, freed after use here
             self.event = None
         return self
 
@@ -58,8 +60,8 @@ class HostKVStore(KVCache):
     ) -> None:
         cuda = for_device.type == "cuda"
         super().__init__(num_layers, num_kv_heads, head_dim, max(1, num_tokens // HOST_BLOCK), HOST_BLOCK, dtype, "cpu", pin_memory=cuda)
-        self.ensure_state()
         self.for_device = for_device
+        self._no_state: torch.Tensor | None = None  # the state field of records parked without one
         self.stage_tokens = stage_tokens
         """Most parked tokens (per layer, summed over the requests of one group) brought to the
         device at once; the evictor holds at most two such groups (the one being scored and
@@ -67,6 +69,39 @@ class HostKVStore(KVCache):
         self.copy_stream = torch.cuda.Stream(for_device) if cuda else None
         self.load_stream = torch.cuda.Stream(for_device) if cuda else None
         self.step_event: torch.cuda.Event | None = None
+
+    # ---- records --------------------------------------------------------------------------
+
+    def _allocate(self, shape: tuple[int, int, int], head_dim: int, dtype: torch.dtype) -> None:
+        """``rec`` (L, num_slots, H_kv, R) uint8, and k, v, pos, state as views of it."""
+        kb = head_dim * torch.empty((), dtype=dtype).element_size()
+        self._at_pos = -(-2 * kb // 4) * 4  # pos and state are 4-byte aligned
+        self.dtype = dtype
+        self.rec = torch.empty(*shape, self._at_pos + 8, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
+        self.k, self.v, self.pos, self.state = self._fields(self.rec)
+
+    def _fields(self, rec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """k, v (..., H, D), pos (..., H) int32 and state (..., H) float32: views of ``rec`` (..., H, R)."""
+        kb, p = self.head_dim * torch.empty((), dtype=self.dtype).element_size(), self._at_pos
+        return (rec[..., :kb].view(self.dtype), rec[..., kb : 2 * kb].view(self.dtype),
+                rec[..., p : p + 4].view(torch.int32).squeeze(-1), rec[..., p + 4 : p + 8].view(torch.float32).squeeze(-1))
+
+    def _pack(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, H, R) uint8 records of k, v (B, C, H, D) and pos, state (B, C, H), on their
+        device: one kernel, whatever their strides (the last dimension of k and v contiguous)."""
+        lead = pos.shape
+        parts = [k.view(torch.uint8), v.view(torch.uint8)]
+        gap = self._at_pos - 2 * parts[0].shape[-1]
+        if gap:
+            parts.append(torch.zeros((1,) * len(lead) + (gap,), dtype=torch.uint8, device=k.device).expand(*lead, gap))
+        parts.append(pos.to(torch.int32).unsqueeze(-1).view(torch.uint8))
+        if state is None:  # never read back (the policy keeps none): any bytes
+            if self._no_state is None or self._no_state.device != k.device:
+                self._no_state = torch.zeros((1,) * len(lead) + (4,), dtype=torch.uint8, device=k.device)
+            parts.append(self._no_state.expand(*lead, 4))
+        else:
+            parts.append(state.to(torch.float32).unsqueeze(-1).view(torch.uint8))
+        return torch.cat(parts, dim=-1)
 
     # ---- allocation -----------------------------------------------------------------------
 
@@ -107,16 +142,13 @@ class HostKVStore(KVCache):
         """Append tokens to the layers' parked runs. ``items``: (request id, row, count): row
         ``row``'s first ``count`` entries of k, v (B, C, H, D), pos, state (B, C, H), on the
         compute device, go after the request's tokens parked in this layer so far."""
-        srcs = [(self.k, k), (self.v, v), (self.pos, pos.to(torch.int32))]
-        if state is not None:
-            srcs.append((self.state, state))
+        src = self._pack(k, v, pos, state)  # (B, C, H, R)
 
         def copies(non_blocking: bool) -> None:
             for rid, row, n in items:
                 seq = self.seqs[rid]
                 for off, s0, m in self._runs(rid, seq.lens[layer], n):
-                    for dst, src in srcs:
-                        dst[layer, s0 : s0 + m].copy_(src[row, off : off + m], non_blocking=non_blocking)
+                    self.rec[layer, s0 : s0 + m].copy_(src[row, off : off + m], non_blocking=non_blocking)
                 seq.lens[layer] += n
 
         if self.copy_stream is None:
@@ -125,8 +157,7 @@ class HostKVStore(KVCache):
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.for_device))
         with torch.cuda.stream(self.copy_stream):
             copies(True)
-        for _, src in srcs:
-            src.record_stream(self.copy_stream)  # keep the sources alive until copied
+        src.record_stream(self.copy_stream)  # keep the source alive until copied
 
     def mark_parks(self) -> None:
         """Loads issued from now on wait for the parks issued so far (the engine marks the end
@@ -141,15 +172,13 @@ class HostKVStore(KVCache):
         other. Asynchronous on CUDA: call ``ready()`` on the result before reading it."""
         counts = [self.seqs[r].lens[layer] for r in request_ids]
         total, dev = sum(counts), self.for_device
-        srcs = (self.k, self.v, self.pos) + ((self.state,) if with_state else ())
 
-        def fill() -> list[torch.Tensor]:
-            out = [torch.empty((total, *src.shape[2:]), dtype=src.dtype, device=dev) for src in srcs]
+        def fill() -> torch.Tensor:
+            out = torch.empty((total, *self.rec.shape[2:]), dtype=torch.uint8, device=dev)  # (P, H, R)
             o = 0
             for rid, c in zip(request_ids, counts):
                 for off, s0, m in self._runs(rid, 0, c):
-                    for dst, src in zip(out, srcs):
-                        dst[o + off : o + off + m].copy_(src[layer, s0 : s0 + m], non_blocking=self.load_stream is not None)
+                    out[o + off : o + off + m].copy_(self.rec[layer, s0 : s0 + m], non_blocking=self.load_stream is not None)
                 o += c
             return out
 
@@ -161,7 +190,8 @@ class HostKVStore(KVCache):
                     self.load_stream.wait_event(self.step_event)
                 out = fill()
                 event = self.load_stream.record_event()
-        return StagedRun(out[0], out[1], out[2], out[3] if with_state else None, counts, event)
+        k, v, pos, state = self._fields(out)
+        return StagedRun(k, v, pos, state if with_state else None, counts, event, out)
 
     def parked(self, request_id: str) -> int:
         s = self.seqs.get(request_id)

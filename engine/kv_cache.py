@@ -61,18 +61,21 @@ class KVCache:
         # their K/V there and read it back, so padding never touches a request's cache
         self.scratch_block = num_blocks
         slots = (num_blocks + 1) * block_size
-        # empty, not zeros: only slots below a request's held length are ever read
-        shape = (num_layers, slots, num_kv_heads)
-        self.k = torch.empty(*shape, head_dim, dtype=dtype, device=device, pin_memory=pin_memory)
-        self.v = torch.empty(*shape, head_dim, dtype=dtype, device=device, pin_memory=pin_memory)
-        self.pos = torch.empty(*shape, dtype=torch.int32, device=device, pin_memory=pin_memory)
         self.pin_memory = pin_memory
-        self.stager = PinnedStager(self.device)
-        """Stages the small host->device copies of the steps over this pool."""
         self.state: torch.Tensor | None = None
         """(L, num_slots, H_kv) float32 running scores of stateful policies (h2o), made on first use."""
+        self._allocate((num_layers, slots, num_kv_heads), head_dim, dtype)
+        self.stager = PinnedStager(self.device)
+        """Stages the small host->device copies of the steps over this pool."""
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # stack: low ids first
         self.seqs: dict[str, SeqKV] = {}
+
+    def _allocate(self, shape: tuple[int, int, int], head_dim: int, dtype: torch.dtype) -> None:
+        """``k``, ``v`` (L, num_slots, H_kv, D) and ``pos`` (L, num_slots, H_kv) int32."""
+        # empty, not zeros: only slots below a request's held length are ever read
+        self.k = torch.empty(*shape, head_dim, dtype=dtype, device=self.device, pin_memory=self.pin_memory)
+        self.v = torch.empty(*shape, head_dim, dtype=dtype, device=self.device, pin_memory=self.pin_memory)
+        self.pos = torch.empty(*shape, dtype=torch.int32, device=self.device, pin_memory=self.pin_memory)
 
     def ensure_state(self) -> torch.Tensor:
         if self.state is None:
