@@ -379,7 +379,7 @@ class Evictor:
             ix = at[..., None].expand(-1, -1, -1, t.shape[-1]) if t.dim() == 4 else at
             return t.gather(2, ix).transpose(1, 2)  # the store packs them into records in one kernel
 
-        # rows are contiguous (c, H[, D]) slices: one copy per tensor and host run
+        # the store packs a row into (c, H) records: one copy per member and host run
         items = [(m.req.request_id, i, c) for i, (m, c) in enumerate(zip(members, counts)) if c]
         v = take(values) if values_at is None else take(values, values_at.gather(2, idx))
         self.host.park(layer, items, take(keys), v, take(key_pos), None if state is None else take(state))
