@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The measurements the open issues (17, 18) wait for, as device calls of at most 10 minutes
+# each, in the order to run them on one H200. Every figure lands in $OUT (the device tool's
+# output folder) as a log and JSON lines; copy them to bench/results/ afterwards.
+#
+# Prerequisites on the GPU machine (they last while it stays warm):
+#   - vLLM 0.26 and the server's packages: bench/peers/vllm-bundle.sh BUNDLE here; carry
+#     BUNDLE/deps and BUNDLE/vllm.part.00 in one call and the other parts in the next, copy
+#     them to $HOME/bundle in each, and run `$HOME/bundle/install.sh $HOME/site` in the second.
+#   - a tokenizer folder (SmolLM2's, ~3 MB) carried as TOK=path/to/tokenizer.
+#
+#   bench/gpu_session.sh model TOK        # the 1.07B m1b model of the long-prompt workload -> $HOME/m1b
+#   bench/gpu_session.sh profile          # m1b long prefill steps (no recall, recall); W1 recall; gpu_check   (~6 min)
+#   bench/gpu_session.sh w1               # W1 whole H200: full, snapkv@512, + recall, against vLLM           (~8 min)
+#   bench/gpu_session.sh long             # long prompts through HTTP: batchmax (recall, none), offline, vLLM  (~9 min)
+#   bench/gpu_session.sh w2 GIB           # W2 with both pools capped at GIB (6, 28, 60) against vLLM          (~8 min at 6)
+set -euo pipefail
+OUT=${OUT:?set OUT (the device tool sets it)}
+export PYTHONPATH=${HOME}/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
+M1B=${HOME}/m1b
+LONG=(--model "$M1B" --kv-tokens 400000 --num-requests 128 --concurrency 128 --prompt-len 8192:16384
+      --output-len 256:512 --warmup-requests 8 --log-dir "$OUT" --json "$OUT/long.jsonl")
+run() { echo "\$ $*" | tee -a "$OUT/commands.txt"; "$@" 2>&1 | tee -a "$OUT/$STEP.log"; }
+
+STEP=${1:?usage: gpu_session.sh model TOK | profile | w1 | long | w2 GIB}
+case "$STEP" in
+model)
+    run python -m bench.serve_compare --make-model "$M1B" --tokenizer "${2:?tokenizer folder}" ;;
+profile)
+    # the 1B long-prompt prefill: where a 2,440-token step's time goes (kernel tables of steps 20-22)
+    for recall in "" --kv-recall; do
+        run python -m bench.profile_steps --model "$M1B" --num-prompts 32 --prompt-len 12288 --output-len 64 --chunk 2048 \
+            --kv-policy snapkv --kv-budget 512 $recall --profile-at 20 21 22 --json "$OUT/profile.jsonl"
+    done
+    # W1 with recall: the completing steps, at the default staging group and at one group a layer
+    for stage in 32768 65536; do
+        run python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 16 --kv-policy snapkv \
+            --kv-budget 512 --kv-recall --recall-stage-tokens "$stage" --profile-at 7 --json "$OUT/profile.jsonl"
+    done
+    run python -m bench.gpu_check ;;
+w1)
+    run python -m bench.throughput --workload W1 --configs full snapkv@512 snapkv@512+recall --peers vllm \
+        --warmup-prompts 16 --json "$OUT/w1.jsonl" ;;
+long)
+    run python -m bench.serve_compare "${LONG[@]}" --systems batchmax offline \
+        --batchmax-args "--kv-policy snapkv --kv-budget 512 --kv-recall --chunk 2048" --label recall
+    run python -m bench.serve_compare "${LONG[@]}" --systems batchmax offline \
+        --batchmax-args "--kv-policy snapkv --kv-budget 512 --chunk 2048" --label no-recall
+    run python -m bench.serve_compare "${LONG[@]}" --systems vllm --label vllm ;;
+w2)
+    run python -m bench.throughput --workload W2 --num-prompts 192 --configs full snapkv@512 --peers vllm \
+        --warmup-prompts 4 --kv-gib "${2:?GiB}" --json "$OUT/w2-capped.jsonl" ;;
+*)
+    echo "unknown step $STEP" >&2; exit 2 ;;
+esac
