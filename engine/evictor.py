@@ -81,6 +81,11 @@ class QueryWindow:
         m = min(self.size, q_new.shape[0])
         self.q[layer] = torch.cat([self.q[layer, m:], q_new[-m:]])
 
+    def replace(self, q: torch.Tensor, layer: int | None = None) -> None:
+        """The whole window, of one layer ((size, H_q, D)) or of all ((L, size, H_q, D)): this
+        step's chunk was at least as long as it."""
+        (self.q if layer is None else self.q[layer]).copy_(q)
+
     def push_positions(self, pos_new: torch.Tensor) -> None:
         m = min(self.size, pos_new.shape[0])
         self.pos = torch.cat([self.pos[m:], pos_new[-m:]])
@@ -475,7 +480,7 @@ class Evictor:
             else:
                 if fresh is not None:  # some members shifted their stored window: write the gathered ones too
                     for rid, i in fresh[0].items():
-                        self.windows[rid].q[layer].copy_(fresh[1][i])
+                        self.windows[rid].replace(fresh[1][i], layer)
                 got = torch.stack([w.q[layer] for w in wins])
             queries = got.permute(0, 2, 1, 3)  # (B, H_q, W, D)
             q_pos = self._shared(("qpos", rids), lambda: torch.stack([w.pos for w in wins]))  # (B, W): the same in every layer
@@ -506,7 +511,7 @@ class Evictor:
             layers = [self._fresh[(layer, key)] for layer in range(self.num_layers)]
             stacked = torch.stack([got for _, got in layers], dim=1)  # (M, L, W, H_q, D)
             for rid, i in layers[0][0].items():
-                self.windows[rid].q.copy_(stacked[i])
+                self.windows[rid].replace(stacked[i])
         self._fresh.clear()
         for rid, lens in self.new_lens.items():
             cur = self.cache.seqs[rid].lens
