@@ -10,7 +10,7 @@
 #   - a tokenizer folder (SmolLM2's, ~3 MB) carried as TOK=path/to/tokenizer.
 #
 #   bench/gpu_session.sh model TOK        # the 1.07B m1b model of the long-prompt workload -> $HOME/m1b
-#   bench/gpu_session.sh profile          # m1b long prefill steps (no recall, recall); W1 recall; gpu_check   (~6 min)
+#   bench/gpu_session.sh profile          # m1b long prefill steps (no recall, recall); W1 recall; gpu_check; pytest -m gpu (~8 min)
 #   bench/gpu_session.sh w1               # W1 whole H200: full, snapkv@512, + recall, against vLLM           (~8 min)
 #   bench/gpu_session.sh long             # long prompts through HTTP: batchmax (recall, none), offline, vLLM  (~9 min)
 #   bench/gpu_session.sh w2 GIB           # W2 with both pools capped at GIB (6, 28, 60) against vLLM          (~8 min at 6)
@@ -37,7 +37,9 @@ profile)
         run python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 16 --kv-policy snapkv \
             --kv-budget 512 --kv-recall --recall-stage-tokens "$stage" --profile-at 7 --json "$OUT/profile.jsonl"
     done
-    run python -m bench.gpu_check ;;
+    run python -m bench.gpu_check
+    # the CUDA-only tests (schemathesis, which the fuzz suite imports, is not on the GPU machine)
+    run python -m pytest -q -m gpu --ignore=tests/reliability/test_fuzz_openapi.py ;;
 w1)
     run python -m bench.throughput --workload W1 --configs full snapkv@512 snapkv@512+recall --peers vllm \
         --warmup-prompts 16 --json "$OUT/w1.jsonl" ;;
