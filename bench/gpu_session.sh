@@ -13,7 +13,7 @@
 #   bench/gpu_session.sh profile          # m1b long prefill steps (no recall, recall); W1 recall; gpu_check; pytest -m gpu (~8 min)
 #   bench/gpu_session.sh w1               # W1 whole H200: full, snapkv@512, + recall, against vLLM           (~8 min)
 #   bench/gpu_session.sh long             # long prompts through HTTP: batchmax (recall, none), offline, vLLM  (~9 min)
-#   bench/gpu_session.sh w2 GIB           # W2 with both pools capped at GIB (6, 28, 60) against vLLM          (~8 min at 6)
+#   bench/gpu_session.sh w2 GIB [CFG...]  # W2 with both pools capped at GIB (6, 28, 60) against vLLM          (~8 min at 6)
 set -euo pipefail
 OUT=${OUT:?set OUT (the device tool sets it)}
 export PYTHONPATH=${HOME}/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
@@ -50,8 +50,10 @@ long)
         --batchmax-args "--kv-policy snapkv --kv-budget 512 --chunk 2048" --label no-recall
     run python -m bench.serve_compare "${LONG[@]}" --systems vllm --label vllm ;;
 w2)
-    run python -m bench.throughput --workload W2 --num-prompts 192 --configs full snapkv@512 --peers vllm \
-        --warmup-prompts 4 --kv-gib "${2:?GiB}" --json "$OUT/w2-capped.jsonl" ;;
+    # snapkv@512 only by default (the targets'); more configs after GIB, e.g. `w2 28 full snapkv@512`
+    gib=${2:?GiB}; shift 2
+    run python -m bench.throughput --workload W2 --num-prompts 192 --configs "${@:-snapkv@512}" --peers vllm \
+        --warmup-prompts 4 --kv-gib "$gib" --json "$OUT/w2-capped.jsonl" ;;
 *)
     echo "unknown step $STEP" >&2; exit 2 ;;
 esac
