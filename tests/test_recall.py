@@ -159,7 +159,7 @@ def test_batched_recall_equals_one_request_at_a_time(policy, recall_attention, t
 
 def test_host_store_contiguous_runs_and_round_trip():
     """A reservation takes one contiguous run of blocks when there is one, so a layer's parked
-    run is one slice (one copy per tensor); parks append, and a group load returns every
+    run is one slice (one copy of its records); parks append, and a group load returns every
     request's run in order, also when the free blocks are fragmented."""
     from batchmax.engine.host_store import HOST_BLOCK, HostKVStore
 
@@ -187,6 +187,28 @@ def test_host_store_contiguous_runs_and_round_trip():
     want = [torch.cat([sent["d"][i], sent["a"][i]]) for i in range(3)]
     assert torch.equal(got.k, want[0]) and torch.equal(got.v, want[1]) and torch.equal(got.pos.long(), want[2])
     assert store.seqs["a"].lens == [0, 2 * HOST_BLOCK + 5]
+
+
+@pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 4), (torch.float8_e4m3fn, 3)])
+def test_host_store_records_round_trip_every_field(dtype, D):
+    """One record per token and head holds k, v, pos and state: a park of strided (gathered,
+    transposed) sources and a load give every field back bit for bit, also for a record whose
+    k and v bytes need padding before the 4-byte pos (an odd head of 1-byte elements)."""
+    from batchmax.engine.host_store import HostKVStore
+
+    H, C = 3, 40
+    store = HostKVStore(2, H, D, 4096, dtype, torch.device("cpu"))
+    assert store.reserve("r", C)
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(1, H, C, D, generator=g).to(dtype).transpose(1, 2) for _ in range(2))  # (1, C, H, D), strided
+    pos = torch.randint(0, 2**31 - 1, (1, H, C), generator=g).transpose(1, 2)
+    state = torch.rand(1, H, C, generator=g).transpose(1, 2)
+    store.park(0, [("r", 0, C)], k, v, pos, state)
+    got = store.load(["r"], 0).ready()
+    for a, b in ((got.k, k[0]), (got.v, v[0])):
+        assert torch.equal(a.view(torch.uint8), b.contiguous().view(torch.uint8))
+    assert torch.equal(got.pos.long(), pos[0]) and torch.equal(got.state, state[0])
+    assert store.load(["r"], 0, with_state=False).ready().state is None
 
 
 @dataclass
