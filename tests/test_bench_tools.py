@@ -167,10 +167,11 @@ def test_eviction_issues_the_same_operators_per_layer_whatever_the_batch():
     # of the 1B layout (16 layers) issues as many eviction operators for 5 members as for 2.
     # Only per-step work grows with them (a window's positions, its copy at the step's end).
     two, five = _step_ops(2, False), _step_ops(5, False)
-    per_step = {"engine/evictor.py:finish", "engine/evictor.py:push_positions"}
+    per_step = {"engine/evictor.py:finish", "engine/evictor.py:push_positions", "engine/evictor.py:replace"}
     evicting = {fn for fn in two | five if fn.startswith(("engine/evictor.py", "engine/eviction.py", "policies/"))}
     assert evicting - per_step and all(two.get(fn) == five.get(fn) for fn in evicting - per_step)
-    assert five["engine/evictor.py:push_positions"] - two["engine/evictor.py:push_positions"] == 3  # one a member
+    for fn in ("push_positions", "replace"):  # one a member and step: the window's positions, its queries at the end
+        assert five[f"engine/evictor.py:{fn}"] - two[f"engine/evictor.py:{fn}"] == 3
     # select_keep's plan is made once a step, its sorts once a layer; the windows are one
     # gather a layer
     assert two["engine/eviction.py:keep_plan"] < 16 and two["engine/evictor.py:_push_windows"] == 16
