@@ -29,10 +29,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchmax.engine import LLM, SamplingParams
 from bench import append_jsonl
-from bench.models import LLAMA3_8B, shape_only_model
+from bench.models import SHAPES as LLAMA3_SHAPES
+from bench.models import shape_only_model
 from bench.serve_compare import LLAMA_1B
 
-SHAPES = {"m1b": LLAMA_1B, "8b": LLAMA3_8B}
+SHAPES = {"m1b": LLAMA_1B, **LLAMA3_SHAPES}  # the long-prompt workload's 1B, and bench/models.py's
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OURS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("engine", "policies"))
 _VIEWS = {"view", "_unsafe_view", "as_strided", "alias", "detach", "t", "transpose", "permute", "expand",

@@ -74,15 +74,15 @@ class HostKVStore(KVCache):
 
     def _allocate(self, shape: tuple[int, int, int], head_dim: int, dtype: torch.dtype) -> None:
         """``rec`` (L, num_slots, H_kv, R) uint8, and k, v, pos, state as views of it."""
-        kb = head_dim * torch.empty((), dtype=dtype).element_size()
-        self._at_pos = -(-2 * kb // 4) * 4  # pos and state are 4-byte aligned
+        self._kb = head_dim * torch.empty((), dtype=dtype).element_size()  # bytes of one head's k (and v)
+        self._at_pos = -(-2 * self._kb // 4) * 4  # pos and state are 4-byte aligned
         self.dtype = dtype
         self.rec = torch.empty(*shape, self._at_pos + 8, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
         self.k, self.v, self.pos, self.state = self._fields(self.rec)
 
     def _fields(self, rec: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """k, v (..., H, D), pos (..., H) int32 and state (..., H) float32: views of ``rec`` (..., H, R)."""
-        kb, p = self.head_dim * torch.empty((), dtype=self.dtype).element_size(), self._at_pos
+        kb, p = self._kb, self._at_pos
         return (rec[..., :kb].view(self.dtype), rec[..., kb : 2 * kb].view(self.dtype),
                 rec[..., p : p + 4].view(torch.int32).squeeze(-1), rec[..., p + 4 : p + 8].view(torch.float32).squeeze(-1))
 
@@ -91,7 +91,7 @@ class HostKVStore(KVCache):
         device: one kernel, whatever their strides (the last dimension of k and v contiguous)."""
         lead = pos.shape
         parts = [k.view(torch.uint8), v.view(torch.uint8)]
-        gap = self._at_pos - 2 * parts[0].shape[-1]
+        gap = self._at_pos - 2 * self._kb
         if gap:
             parts.append(torch.zeros((1,) * len(lead) + (gap,), dtype=torch.uint8, device=k.device).expand(*lead, gap))
         parts.append(pos.to(torch.int32).unsqueeze(-1).view(torch.uint8))
