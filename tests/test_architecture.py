@@ -84,6 +84,20 @@ def _lint_imports(site: Path) -> subprocess.CompletedProcess:
     return _run([sys.executable, "-c", cli, str(REPO / "pyproject.toml"), "--no-cache"], cwd=site, env=env)
 
 
+def test_source_checkout_imports_with_no_install():
+    """From the checkout's root, with no install of batchmax in sight (no site hooks, so no
+    editable finder; torch's folder alone on the path), the namespace still maps its parts to
+    the top-level folders: how the GPU machine runs the benchmarks."""
+    import torch
+
+    env = dict(os.environ, PYTHONPATH=str(Path(torch.__file__).resolve().parents[1]))
+    code = ("import batchmax, batchmax.engine, batchmax.policies, batchmax.server.cli, bench.engine_steps; "
+            "print(batchmax.engine.__file__, batchmax.policies.__file__)")
+    r = _run([sys.executable, "-S", "-c", code], cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == [str(REPO / "engine" / "__init__.py"), str(REPO / "policies" / "__init__.py")]
+
+
 def test_layers_contract(unpacked):
     r = _lint_imports(unpacked)
     assert r.returncode == 0, r.stdout + r.stderr
