@@ -10,10 +10,10 @@
 #   - a tokenizer folder (SmolLM2's, ~3 MB) carried as TOK=path/to/tokenizer.
 #
 #   bench/gpu_session.sh model TOK        # the 1.07B m1b model of the long-prompt workload -> $HOME/m1b
-#   bench/gpu_session.sh profile          # m1b long prefill steps (no recall, recall); W1 recall; gpu_check; pytest -m gpu (~8 min)
+#   bench/gpu_session.sh profile          # gpu_check; pytest -m gpu; m1b long prefill steps (no recall, recall); W1 prefill, recall (~6 min)
 #   bench/gpu_session.sh w1               # W1 whole H200: full, snapkv@512, + recall, against vLLM           (~8 min)
 #   bench/gpu_session.sh long             # long prompts through HTTP: batchmax (recall, none), offline, vLLM  (~9 min)
-#   bench/gpu_session.sh w2 GIB [CFG...]  # W2 with both pools capped at GIB (6, 28, 60) against vLLM          (~8 min at 6)
+#   bench/gpu_session.sh w2 GIB [CFG...]  # W2 with both pools capped at GIB (6, 28, 60; all: no cap) against vLLM (~8 min at 6)
 set -euo pipefail
 OUT=${OUT:?set OUT (the device tool sets it)}
 export PYTHONPATH=${HOME}/site${PYTHONPATH:+:$PYTHONPATH} VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1
@@ -27,19 +27,21 @@ case "$STEP" in
 model)
     run python -m bench.serve_compare --make-model "$M1B" --tokenizer "${2:?tokenizer folder}" ;;
 profile)
+    # correctness of this tree on the device first: CPU = CUDA (torch, Triton, graphs), sync = async
+    run timeout 150 python -m bench.gpu_check || echo "!! gpu_check failed (rc $?)"
+    # the CUDA-only tests (schemathesis, which the fuzz suite imports, is not on the GPU machine)
+    run timeout 200 python -m pytest -q -m gpu --ignore=tests/reliability/test_fuzz_openapi.py || echo "!! pytest -m gpu failed"
     # the 1B long-prompt prefill: where a 2,440-token step's time goes (kernel tables of steps 20-22)
     for recall in "" --kv-recall; do
         run python -m bench.profile_steps --model "$M1B" --num-prompts 32 --prompt-len 12288 --output-len 64 --chunk 2048 \
             --kv-policy snapkv --kv-budget 512 $recall --profile-at 20 21 22 --json "$OUT/profile.jsonl"
     done
-    # W1 with recall: the completing steps, at the default staging group and at one group a layer
-    for stage in 32768 65536; do
-        run python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 16 --kv-policy snapkv \
-            --kv-budget 512 --kv-recall --recall-stage-tokens "$stage" --profile-at 7 --json "$OUT/profile.jsonl"
-    done
-    run python -m bench.gpu_check
-    # the CUDA-only tests (schemathesis, which the fuzz suite imports, is not on the GPU machine)
-    run python -m pytest -q -m gpu --ignore=tests/reliability/test_fuzz_openapi.py ;;
+    # W1 (8B): a steady prefill step without recall (16 chunks of 512, the step W2's prefill
+    # repeats, which bounds W2 at ~86% of its roofline), and the completing step with recall
+    run python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 16 --kv-policy snapkv \
+        --kv-budget 512 --profile-at 4 5 --json "$OUT/profile.jsonl"
+    run python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 16 --kv-policy snapkv \
+        --kv-budget 512 --kv-recall --profile-at 7 --json "$OUT/profile.jsonl" ;;
 w1)
     run python -m bench.throughput --workload W1 --configs full snapkv@512 snapkv@512+recall --peers vllm \
         --warmup-prompts 16 --json "$OUT/w1.jsonl" ;;
@@ -50,10 +52,12 @@ long)
         --batchmax-args "--kv-policy snapkv --kv-budget 512 --chunk 2048" --label no-recall
     run python -m bench.serve_compare "${LONG[@]}" --systems vllm --label vllm ;;
 w2)
-    # snapkv@512 only by default (the targets'); more configs after GIB, e.g. `w2 28 full snapkv@512`
+    # snapkv@512 only by default (the targets'); more configs after GIB, e.g. `w2 28 full snapkv@512`;
+    # GIB "all": no cap (what fits on the device, both systems)
     gib=${2:?GiB}; shift 2
+    cap=(--kv-gib "$gib"); [ "$gib" = all ] && cap=()
     run python -m bench.throughput --workload W2 --num-prompts 192 --configs "${@:-snapkv@512}" --peers vllm \
-        --warmup-prompts 4 --kv-gib "$gib" --json "$OUT/w2-capped.jsonl" ;;
+        --warmup-prompts 4 "${cap[@]}" --json "$OUT/w2.jsonl" ;;
 *)
     echo "unknown step $STEP" >&2; exit 2 ;;
 esac
