@@ -7,7 +7,9 @@ the CUDA kernels of a few steady-state steps of each kind.
     python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 256 --kv-policy snapkv --kv-budget 512
     python -m bench.profile_steps --num-prompts 256 --prompt-len 767 --output-len 16   # decode B=256 x 768
 
-Writes ``--json`` (one line) and prints the kernel tables when ``--profile`` is given.
+Writes ``--json`` (one line) and prints the kernel tables when ``--profile`` (or ``--profile-at``)
+is given, each with the GPU's idle gaps in that step and the host's CUDA calls inside them
+(``device_idle`` in the JSON): a step longer than its kernels is waiting on the host there.
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ def main(argv=None) -> dict:
             return out
 
         JITFunction._do_compile = logged_compile  # noqa: SLF001
-    tables = {}
+    tables, idle = {}, {}
     host_prof, host_steps = cProfile.Profile(), 0
     at_prof = cProfile.Profile()
     sync()
@@ -173,6 +175,8 @@ def main(argv=None) -> dict:
             # building the table takes seconds: keep it out of the step and the run's times
             tb = time.perf_counter()
             tables.setdefault(kind, []).append(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=18, max_name_column_width=60))
+            if cuda:  # where in the step the GPU waited for the host
+                idle[kind] = idle_report(chrome_events(prof))
             t0 += time.perf_counter() - tb
     sync()
     elapsed = time.perf_counter() - t0
@@ -207,12 +211,16 @@ def main(argv=None) -> dict:
                alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0)
     if a.log_compiles:
         res["triton_compiles"] = compiles
+    if idle:
+        res["device_idle"] = idle
     for kind, tabs in tables.items():
         note = ""
         if kind.startswith("step "):
             st = steps[int(kind.split()[1])]
             note = f" ({st['prefill_tokens']} prefill tokens, {st['decodes']} decodes, {st['last_chunks']} prompts completed)"
         print(f"\n===== {kind} kernels{note} =====\n{tabs[-1]}")
+        if kind in idle:
+            print(f"----- {kind}: the GPU's idle time -----\n{format_idle(idle[kind])}")
     if a.cprofile_at:
         print(f"\n===== host side of steps {a.cprofile_at} (cProfile, cumulative) =====")
         pstats.Stats(at_prof).sort_stats("cumulative").print_stats(40)
@@ -225,10 +233,8 @@ def main(argv=None) -> dict:
     return res
 
 
-def trace_report(prof, path: str, num_steps: int) -> None:
-    """Export the trace and print the GPU's idle time in it: the gaps between consecutive
-    device activities (kernels, copies, memsets) on any stream, the largest with their
-    neighbours, and the host's busiest calls over the same window."""
+def chrome_events(prof, path: str | None = None) -> list[dict]:
+    """The profiler's chrome-trace events (and the trace gzipped to ``path`` when given)."""
     import gzip
     import tempfile
 
@@ -236,33 +242,65 @@ def trace_report(prof, path: str, num_steps: int) -> None:
         prof.export_chrome_trace(tmp.name)
         with open(tmp.name, "rb") as f:
             raw = f.read()
-    with gzip.open(path, "wb") as f:
-        f.write(raw)
-    events = json.loads(raw)["traceEvents"]
+    if path:
+        with gzip.open(path, "wb") as f:
+            f.write(raw)
+    return json.loads(raw)["traceEvents"]
+
+
+def idle_report(events: list[dict], top: int = 10) -> dict:
+    """The GPU's idle time in a trace: the gaps between consecutive device activities
+    (kernels, copies, memsets, on any stream), the largest with their neighbours and the
+    host's CUDA calls that overlap them (a ``cudaStreamSynchronize`` or a pageable copy
+    there is a sync the step should not have; launches alone mean the host issues kernels
+    slower than the GPU runs them), and the host's time in CUDA calls over the whole trace.
+    Times in microseconds as the trace has them; the result in ms."""
     dev = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                  key=lambda e: e["ts"])
     if not dev:
-        print("trace: no device activity")
-        return
+        return {}
     gaps, end, prev = [], dev[0]["ts"] + dev[0]["dur"], dev[0]
     for e in dev[1:]:
         if e["ts"] > end:
-            gaps.append((e["ts"] - end, prev["name"][:50], e["name"][:50]))
+            gaps.append((e["ts"] - end, end, prev["name"][:50], e["name"][:50]))
         if e["ts"] + e["dur"] >= end:
             end, prev = e["ts"] + e["dur"], e
     span = end - dev[0]["ts"]
-    busy = span - sum(g[0] for g in gaps)
-    big = [g for g in gaps if g[0] >= 20]
-    print(f"\n===== trace of {num_steps} decode steps ({path}) =====")
-    print(f"device span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms in {len(gaps)} gaps"
-          f" ({len(big)} of >= 20 us, {sum(g[0] for g in big) / 1e3:.2f} ms); {len(dev)} device activities")
-    for us, before, after in sorted(gaps, reverse=True)[:15]:
-        print(f"  idle {us:8.1f} us  after {before:50s} before {after}")
+    idle = sum(g[0] for g in gaps)
+    calls = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")]
     host: dict[str, float] = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
-            host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
-    print("  host time in CUDA calls: " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in sorted(host.items(), key=lambda x: -x[1])[:8]))
+    for e in calls:
+        host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
+    largest = []
+    for us, at, before, after in sorted(gaps, reverse=True)[:top]:
+        inside: dict[str, float] = {}
+        for e in calls:  # the host's CUDA calls during the gap, by the time each spent in it
+            o = min(e["ts"] + e["dur"], at + us) - max(e["ts"], at)
+            if o > 0:
+                inside[e["name"]] = inside.get(e["name"], 0.0) + o
+        largest.append(dict(idle_us=round(us, 1), after=before, before=after,
+                            host={k: round(v, 1) for k, v in sorted(inside.items(), key=lambda x: -x[1])[:3]}))
+    return dict(span_ms=round(span / 1e3, 3), busy_ms=round((span - idle) / 1e3, 3), idle_ms=round(idle / 1e3, 3),
+                gaps=len(gaps), gaps_over_20us=sum(g[0] >= 20 for g in gaps), activities=len(dev), largest_gaps=largest,
+                host_cuda_calls_ms={k: round(v / 1e3, 3) for k, v in sorted(host.items(), key=lambda x: -x[1])[:8]})
+
+
+def format_idle(r: dict) -> str:
+    if not r:
+        return "trace: no device activity"
+    lines = [f"device span {r['span_ms']:.2f} ms, busy {r['busy_ms']:.2f} ms, idle {r['idle_ms']:.2f} ms in {r['gaps']} gaps"
+             f" ({r['gaps_over_20us']} of >= 20 us); {r['activities']} device activities"]
+    for g in r["largest_gaps"]:
+        inside = ", ".join(f"{k} {v:.0f} us" for k, v in g["host"].items()) or "no CUDA call"
+        lines.append(f"  idle {g['idle_us']:8.1f} us  after {g['after']:50s} before {g['before']:50s} host: {inside}")
+    lines.append("  host time in CUDA calls: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["host_cuda_calls_ms"].items()))
+    return "\n".join(lines)
+
+
+def trace_report(prof, path: str, num_steps: int) -> None:
+    """Export the trace of ``num_steps`` decode steps to ``path`` and print the GPU's idle time in it."""
+    print(f"\n===== trace of {num_steps} decode steps ({path}) =====")
+    print(format_idle(idle_report(chrome_events(prof, path), top=15)))
 
 
 if __name__ == "__main__":

@@ -155,6 +155,31 @@ def test_profile_steps_splits_the_steps_of_a_recall_run(tiny_llama, tmp_path):
     assert json.loads(out.read_text().splitlines()[-1])["prefill"]["steps"] == 9
 
 
+def test_idle_report_finds_the_gpus_gaps_and_the_host_calls_inside_them():
+    from bench.profile_steps import format_idle, idle_report
+
+    def x(cat, name, ts, dur):
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur)
+
+    events = [
+        x("kernel", "gemm", 0, 100), x("gpu_memcpy", "Memcpy HtoD", 50, 80),  # overlapping streams: busy 0-130
+        x("kernel", "sort", 130, 10),  # touching: no gap
+        x("kernel", "gather", 200, 20),  # 60 us idle after sort
+        x("kernel", "attn", 230, 50),  # 10 us idle after gather
+        x("cuda_runtime", "cudaStreamSynchronize", 135, 70),  # 60 of its 70 us inside the first gap
+        x("cuda_runtime", "cudaLaunchKernel", 222, 5),  # 5 us inside the second
+        x("cpu_op", "aten::sort", 120, 30),  # not a CUDA call: not counted
+    ]
+    r = idle_report(events, top=5)
+    assert (r["span_ms"], r["busy_ms"], r["idle_ms"], r["gaps"], r["gaps_over_20us"]) == (0.28, 0.21, 0.07, 2, 1)
+    assert r["largest_gaps"] == [
+        dict(idle_us=60, after="sort", before="gather", host={"cudaStreamSynchronize": 60}),
+        dict(idle_us=10, after="gather", before="attn", host={"cudaLaunchKernel": 5}),
+    ]
+    assert r["host_cuda_calls_ms"] == {"cudaStreamSynchronize": 0.07, "cudaLaunchKernel": 0.005}
+    assert "idle     60.0 us  after sort" in format_idle(r) and idle_report([x("cpu_op", "a", 0, 1)]) == {}
+
+
 def _step_ops(n: int, recall: bool) -> dict[str, int]:
     from bench.step_ops import main as step_ops_main
 
