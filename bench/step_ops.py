@@ -10,10 +10,18 @@ widths and random weights.
 
     python -m bench.step_ops --shape m1b --num-requests 4 --prompt-len 1024 --chunk 256 --kv-policy snapkv --kv-budget 64
     python -m bench.step_ops --shape m1b ... --kv-recall        # recall's share
+    python -m bench.step_ops --shape 8b --bytes --layers 2 --num-requests 16 --prompt-len 2048 --chunk 512 --kv-budget 512
+                                                                # the memory each function moves, at the real widths
 
 Counts non-view ATen operators under a ``TorchDispatchMode`` during the chosen step (by
 default the first prefill step that evicts, the second chunk of every prompt), each charged to
 the innermost batchmax function on the Python stack, and times the same step without counting.
+With ``--bytes`` the model keeps its real attention widths (hidden size, heads, head size, in
+bf16; only the MLP and the vocabulary shrink, and ``--layers`` cuts the depth, since every
+layer does the same) and each function is also charged the bytes its operators read and write:
+a floor on its GPU time at the copy rate, for the evictor's and the policies' operators, which
+run on the GPU as they do here (the model's own norms, rotary and attention run fused kernels
+there and their CPU references here, so their bytes are not the GPU's).
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ from bench.models import shape_only_model
 from bench.serve_compare import LLAMA_1B
 
 SHAPES = {"m1b": LLAMA_1B, **LLAMA3_SHAPES}  # the long-prompt workload's 1B, and bench/models.py's
+COPY_RATE = 4.3e12  # bytes/s: the H200's device memory, as measured by bench.gpu_check (4.24-4.27 TB/s)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OURS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("engine", "policies"))
 _VIEWS = {"view", "_unsafe_view", "as_strided", "alias", "detach", "t", "transpose", "permute", "expand",
@@ -48,16 +57,46 @@ def tiny_layout(shape: dict, head_dim: int = 8) -> dict:
                 vocab_size=1024, tie_word_embeddings=True, dtype="float32")
 
 
+def real_widths(shape: dict, layers: int | None) -> dict:
+    """``shape``'s attention widths in bf16, a tiny MLP and vocabulary, ``layers`` layers."""
+    return dict(shape, num_hidden_layers=layers or shape["num_hidden_layers"], intermediate_size=256, vocab_size=1024,
+                tie_word_embeddings=True, dtype="bfloat16")
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(y) for y in x)
+    return 0
+
+
+def moved_bytes(name: str, args: tuple, out) -> int:
+    """Bytes an operator reads and writes: a gather reads and writes its output's size, a
+    scatter or copy its source's (not the whole tensor it writes into); anything else reads
+    its tensor arguments and writes its output."""
+    if name in ("index_select", "index", "gather", "take"):
+        return 2 * _nbytes(out)
+    if name in ("index_copy_", "index_copy", "scatter_", "scatter", "index_put_", "copy_"):
+        src = args[2] if name == "index_put_" else args[-1] if name.startswith(("index_copy", "scatter")) else args[1]
+        return 2 * _nbytes(src)
+    return _nbytes(out) + sum(_nbytes(x) for x in args if isinstance(x, torch.Tensor))
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.by_fn: collections.Counter[str] = collections.Counter()
+        self.bytes_by_fn: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
         if name not in _VIEWS:
-            self.by_fn[_caller()] += 1
-        return func(*args, **(kwargs or {}))
+            fn = _caller()
+            self.by_fn[fn] += 1
+            self.bytes_by_fn[fn] += moved_bytes(name, args, out)
+        return out
 
 
 def _caller() -> str:
@@ -82,15 +121,17 @@ def count_step(llm: LLM, at_step: int | None) -> dict:
             counter = _Counter()
             with counter:
                 eng.step()
-            return dict(step=done, ops=sum(counter.by_fn.values()), by_function=dict(counter.by_fn.most_common()))
+            return dict(step=done, ops=sum(counter.by_fn.values()), by_function=dict(counter.by_fn.most_common()),
+                        bytes_by_function=dict(counter.bytes_by_fn.most_common()))
         eng.step()
         done += 1
     raise SystemExit("the run ended before the step to count")
 
 
 def build(a, recall: bool) -> LLM:
-    layout = tiny_layout(SHAPES[a.shape])
-    llm = LLM(shape_only_model(layout, f"{a.shape}-tiny"), load_format="dummy", skip_tokenizer_init=True, device="cpu",
+    layout = real_widths(SHAPES[a.shape], a.layers) if a.bytes else dict(tiny_layout(SHAPES[a.shape]), **(
+        {"num_hidden_layers": a.layers} if a.layers else {}))
+    llm = LLM(shape_only_model(layout, f"{a.shape}-{'real' if a.bytes else 'tiny'}"), load_format="dummy", skip_tokenizer_init=True, device="cpu",
               chunk_size=a.chunk, max_num_seqs=max(8, a.num_requests), max_num_batched_tokens=a.num_requests * a.chunk,
               kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=recall, host_kv_tokens=65536 if recall else None,
               num_tokens=a.num_requests * (a.prompt_len + a.output_len) + 1024)
@@ -113,25 +154,35 @@ def main(argv=None) -> dict:
     p.add_argument("--kv-recall", action="store_true")
     p.add_argument("--at-step", type=int, default=None, help="the step to count (0-based; default: the first that evicts)")
     p.add_argument("--top", type=int, default=25, help="functions listed")
+    p.add_argument("--bytes", action="store_true", help="real attention widths (bf16): also the bytes each function moves")
+    p.add_argument("--layers", type=int, default=None, help="layers of the model (default: the shape's)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.manual_seed(0)
     counted = count_step(build(a, a.kv_recall), a.at_step)
-    # the same step again, uncounted: its host wall time (on the CPU the kernels run inline,
-    # so with tiny widths this is almost all Python and dispatch)
-    llm = build(a, a.kv_recall)
-    for _ in range(counted["step"]):
+    if not a.bytes:
+        # the same step again, uncounted: its host wall time (on the CPU the kernels run inline,
+        # so with tiny widths this is almost all Python and dispatch)
+        llm = build(a, a.kv_recall)
+        for _ in range(counted["step"]):
+            llm.engine.step()
+        t = time.perf_counter()
         llm.engine.step()
-    t = time.perf_counter()
-    llm.engine.step()
-    counted["step_ms"] = round((time.perf_counter() - t) * 1e3, 2)
-    layers = SHAPES[a.shape]["num_hidden_layers"]
+        counted["step_ms"] = round((time.perf_counter() - t) * 1e3, 2)
+    full_depth = SHAPES[a.shape]["num_hidden_layers"]
+    layers = a.layers or full_depth
     counted.update(shape=a.shape, layers=layers, num_requests=a.num_requests, chunk=a.chunk, kv_policy=a.kv_policy,
-                   kv_budget=a.kv_budget, kv_recall=a.kv_recall)
-    print(f"step {counted['step']}: {counted['ops']} operators ({counted['ops'] / layers:.0f} per layer), "
-          f"{counted['step_ms']} ms on this host")
+                   kv_budget=a.kv_budget, kv_recall=a.kv_recall, real_widths=a.bytes)
+    print(f"step {counted['step']}: {counted['ops']} operators ({counted['ops'] / layers:.0f} per layer)"
+          + (f", {counted['step_ms']} ms on this host" if "step_ms" in counted else ""))
+    moved = counted["bytes_by_function"]
     for fn, n in list(counted["by_function"].items())[: a.top]:
-        print(f"{n:7d}  {n / layers:7.1f}/layer  {fn}")
+        print(f"{n:7d}  {n / layers:7.1f}/layer  " + (f"{moved.get(fn, 0) / layers / 2**20:9.1f} MiB/layer  " if a.bytes else "") + fn)
+    if a.bytes:
+        ev = sum(b for fn, b in moved.items() if fn.startswith(("engine/evictor.py", "engine/eviction.py", "engine/host_store.py", "policies/")))
+        counted["eviction_bytes_per_layer"] = ev / layers
+        print(f"eviction and recall (evictor, host store, policies): {ev / layers / 2**20:.1f} MiB per layer, "
+              f"{ev / layers * full_depth / COPY_RATE * 1e3:.2f} ms a step of {full_depth} layers at {COPY_RATE / 1e12:.1f} TB/s")
     if a.json:
         append_jsonl(a.json, counted)
     return counted

@@ -155,6 +155,32 @@ def test_profile_steps_splits_the_steps_of_a_recall_run(tiny_llama, tmp_path):
     assert json.loads(out.read_text().splitlines()[-1])["prefill"]["steps"] == 9
 
 
+def test_moved_bytes_charges_gathers_and_scatters_what_they_move():
+    import torch
+
+    from bench.step_ops import moved_bytes
+
+    pool, idx = torch.zeros(100, 4), torch.arange(10)
+    rows = pool.index_select(0, idx)  # (10, 4) float32: 160 bytes out, as many read
+    assert moved_bytes("index_select", (pool, 0, idx), rows) == 2 * 160
+    src = torch.ones(5, 4)
+    assert moved_bytes("index_copy_", (pool, 0, idx[:5], src), pool) == 2 * 80  # not the pool's 1,600
+    assert moved_bytes("copy_", (rows, rows), rows) == 2 * 160
+    assert moved_bytes("add", (rows, rows), rows) == 3 * 160
+
+
+def test_step_ops_bytes_at_real_widths():
+    from bench.step_ops import main as step_ops_main
+
+    r = step_ops_main(["--shape", "m1b", "--bytes", "--layers", "1", "--num-requests", "2", "--prompt-len", "128",
+                       "--chunk", "64", "--kv-budget", "32", "--top", "0"])
+    assert r["layers"] == 1 and r["real_widths"] and "step_ms" not in r
+    # the kept keys and values written back: 2 rows x 32 kept x 8 KV heads x 64 x bf16, K and V, read and written
+    assert r["bytes_by_function"]["engine/evictor.py:_keep_front"] >= 2 * 2 * (2 * 32 * 8 * 64 * 2)
+    assert r["eviction_bytes_per_layer"] == sum(
+        b for fn, b in r["bytes_by_function"].items() if fn.startswith(("engine/evictor.py", "engine/eviction.py", "policies/")))
+
+
 def test_idle_report_finds_the_gpus_gaps_and_the_host_calls_inside_them():
     from bench.profile_steps import format_idle, idle_report
 
