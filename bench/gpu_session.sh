@@ -44,7 +44,7 @@ profile)
         --kv-budget 512 --kv-recall --profile-at 7 --json "$OUT/profile.jsonl" ;;
 w1)
     run python -m bench.throughput --workload W1 --configs full snapkv@512 snapkv@512+recall --peers vllm \
-        --warmup-prompts 16 --json "$OUT/w1.jsonl" ;;
+        --warmup-prompts 16 ${EXTRA:-} --json "$OUT/w1.jsonl" ;;
 long)
     run python -m bench.serve_compare "${LONG[@]}" --systems batchmax offline \
         --batchmax-args "--kv-policy snapkv --kv-budget 512 --kv-recall --chunk 2048" --label recall
@@ -56,8 +56,10 @@ w2)
     # GIB "all": no cap (what fits on the device, both systems)
     gib=${2:?GiB}; shift 2
     cap=(--kv-gib "$gib"); [ "$gib" = all ] && cap=()
+    # EXTRA: more bench.throughput options, e.g. EXTRA="--max-num-batched-tokens 16384" (vLLM's
+    # offline default on a GPU of 70 GB or more; batchmax's bench default is 8,192)
     run python -m bench.throughput --workload W2 --num-prompts 192 --configs "${@:-snapkv@512}" --peers vllm \
-        --warmup-prompts 4 "${cap[@]}" --json "$OUT/w2.jsonl" ;;
+        --warmup-prompts 4 "${cap[@]}" ${EXTRA:-} --json "$OUT/w2.jsonl" ;;
 *)
     echo "unknown step $STEP" >&2; exit 2 ;;
 esac

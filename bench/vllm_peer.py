@@ -53,9 +53,12 @@ def main(argv=None) -> int:
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     cache = llm.llm_engine.vllm_config.cache_config
     blocks = getattr(cache, "num_gpu_blocks", None)
+    sched = llm.llm_engine.vllm_config.scheduler_config  # the defaults vLLM chose for this GPU, on the record
     print(MARK + json.dumps(dict(system="vllm", config="0.26 defaults, prefix caching off", prompts=len(prompts), elapsed_s=elapsed,
                           out_tokens=produced, peak_batch=None, peak_gb=None,
-                          kv_pool_tokens=blocks * cache.block_size if blocks else None)))
+                          kv_pool_tokens=blocks * cache.block_size if blocks else None,
+                          max_num_batched_tokens=getattr(sched, "max_num_batched_tokens", None),
+                          max_num_seqs=getattr(sched, "max_num_seqs", None))))
     return 0
 
 
