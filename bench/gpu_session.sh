@@ -12,6 +12,7 @@
 #   bench/gpu_session.sh model TOK        # the 1.07B m1b model of the long-prompt workload -> $HOME/m1b
 #   bench/gpu_session.sh profile          # gpu_check; pytest -m gpu; m1b long prefill steps (no recall, recall); W1 prefill, recall (~6 min)
 #   bench/gpu_session.sh w1               # W1 whole H200: full, snapkv@512, + recall, against vLLM           (~8 min)
+#   bench/gpu_session.sh serve            # the 1B serving workload through HTTP: batchmax, vLLM, offline          (~5 min)
 #   bench/gpu_session.sh long             # long prompts through HTTP: batchmax (recall, none), offline, vLLM  (~9 min)
 #   bench/gpu_session.sh w2 GIB [CFG...]  # W2 with both pools capped at GIB (6, 28, 60; all: no cap) against vLLM (~8 min at 6)
 set -euo pipefail
@@ -22,7 +23,7 @@ LONG=(--model "$M1B" --kv-tokens 400000 --num-requests 128 --concurrency 128 --p
       --output-len 256:512 --warmup-requests 8 --log-dir "$OUT" --json "$OUT/long.jsonl")
 run() { echo "\$ $*" | tee -a "$OUT/commands.txt"; "$@" 2>&1 | tee -a "$OUT/$STEP.log"; }
 
-STEP=${1:?usage: gpu_session.sh model TOK | profile | w1 | long | w2 GIB}
+STEP=${1:?usage: gpu_session.sh model TOK | profile | w1 | serve | long | w2 GIB}
 case "$STEP" in
 model)
     run python -m bench.serve_compare --make-model "$M1B" --tokenizer "${2:?tokenizer folder}" ;;
@@ -45,6 +46,11 @@ profile)
 w1)
     run python -m bench.throughput --workload W1 --configs full snapkv@512 snapkv@512+recall --peers vllm \
         --warmup-prompts 16 ${EXTRA:-} --json "$OUT/w1.jsonl" ;;
+serve)
+    # issue 17's first workload (serve_compare's defaults: 1,024 requests, prompts 256-1,024,
+    # outputs 128-256, 256 clients, 400k KV tokens): batchmax's server, vLLM's, the offline engine
+    run python -m bench.serve_compare --model "$M1B" --systems batchmax vllm offline --log-dir "$OUT" \
+        --json "$OUT/serve.jsonl" --label w1b ;;
 long)
     run python -m bench.serve_compare "${LONG[@]}" --systems batchmax offline \
         --batchmax-args "--kv-policy snapkv --kv-budget 512 --kv-recall --chunk 2048" --label recall
