@@ -7,7 +7,9 @@
 #   - vLLM 0.26 and the server's packages: bench/peers/vllm-bundle.sh BUNDLE here; carry
 #     BUNDLE/deps and BUNDLE/vllm.part.00 in one call and the other parts in the next, copy
 #     them to $HOME/bundle in each, and run `$HOME/bundle/install.sh $HOME/site` in the second.
-#   - a tokenizer folder (SmolLM2's, ~3 MB) carried as TOK=path/to/tokenizer.
+#   - a tokenizer folder (SmolLM2's): carry it as a .tar.xz (0.45 MB; the 3.4 MB folder with
+#     deps and part.00 is over the 64 MiB a call carries) and unpack it to TOK there.
+#   Session 11's calls: model + profile 274 s, install + w1 240 s, w2 28 383 s, w2 all 383 s.
 #
 #   bench/gpu_session.sh model TOK        # the 1.07B m1b model of the long-prompt workload -> $HOME/m1b
 #   bench/gpu_session.sh profile          # gpu_check; pytest -m gpu; m1b long prefill steps (no recall, recall); W1 prefill, recall (~6 min)
