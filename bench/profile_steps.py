@@ -253,7 +253,8 @@ def idle_report(events: list[dict], top: int = 10) -> dict:
     (kernels, copies, memsets, on any stream), the largest with their neighbours and the
     host's CUDA calls that overlap them (a ``cudaStreamSynchronize`` or a pageable copy
     there is a sync the step should not have; launches alone mean the host issues kernels
-    slower than the GPU runs them), and the host's time in CUDA calls over the whole trace.
+    slower than the GPU runs them) and the operators it began meanwhile (what it was busy
+    with), and the host's time in CUDA calls over the whole trace.
     Times in microseconds as the trace has them; the result in ms."""
     dev = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                  key=lambda e: e["ts"])
@@ -271,6 +272,7 @@ def idle_report(events: list[dict], top: int = 10) -> dict:
     host: dict[str, float] = {}
     for e in calls:
         host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
+    ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
     largest = []
     for us, at, before, after in sorted(gaps, reverse=True)[:top]:
         inside: dict[str, float] = {}
@@ -278,8 +280,13 @@ def idle_report(events: list[dict], top: int = 10) -> dict:
             o = min(e["ts"] + e["dur"], at + us) - max(e["ts"], at)
             if o > 0:
                 inside[e["name"]] = inside.get(e["name"], 0.0) + o
+        begun: dict[str, int] = {}
+        for e in ops:  # the operators the host began while the GPU waited
+            if at <= e["ts"] < at + us:
+                begun[e["name"]] = begun.get(e["name"], 0) + 1
         largest.append(dict(idle_us=round(us, 1), after=before, before=after,
-                            host={k: round(v, 1) for k, v in sorted(inside.items(), key=lambda x: -x[1])[:3]}))
+                            host={k: round(v, 1) for k, v in sorted(inside.items(), key=lambda x: -x[1])[:3]},
+                            ops={k: n for k, n in sorted(begun.items(), key=lambda x: -x[1])[:4]}))
     return dict(span_ms=round(span / 1e3, 3), busy_ms=round((span - idle) / 1e3, 3), idle_ms=round(idle / 1e3, 3),
                 gaps=len(gaps), gaps_over_20us=sum(g[0] >= 20 for g in gaps), activities=len(dev), largest_gaps=largest,
                 host_cuda_calls_ms={k: round(v / 1e3, 3) for k, v in sorted(host.items(), key=lambda x: -x[1])[:8]})
@@ -292,7 +299,8 @@ def format_idle(r: dict) -> str:
              f" ({r['gaps_over_20us']} of >= 20 us); {r['activities']} device activities"]
     for g in r["largest_gaps"]:
         inside = ", ".join(f"{k} {v:.0f} us" for k, v in g["host"].items()) or "no CUDA call"
-        lines.append(f"  idle {g['idle_us']:8.1f} us  after {g['after']:50s} before {g['before']:50s} host: {inside}")
+        begun = ", ".join(f"{k} x{n}" for k, n in g["ops"].items()) or "none"
+        lines.append(f"  idle {g['idle_us']:8.1f} us  after {g['after']:50s} before {g['before']:50s} host: {inside}; ops begun: {begun}")
     lines.append("  host time in CUDA calls: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["host_cuda_calls_ms"].items()))
     return "\n".join(lines)
 

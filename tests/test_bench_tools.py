@@ -194,13 +194,14 @@ def test_idle_report_finds_the_gpus_gaps_and_the_host_calls_inside_them():
         x("kernel", "attn", 230, 50),  # 10 us idle after gather
         x("cuda_runtime", "cudaStreamSynchronize", 135, 70),  # 60 of its 70 us inside the first gap
         x("cuda_runtime", "cudaLaunchKernel", 222, 5),  # 5 us inside the second
-        x("cpu_op", "aten::sort", 120, 30),  # not a CUDA call: not counted
+        x("cpu_op", "aten::sort", 120, 30),  # not a CUDA call, and begun before the gap
+        x("cpu_op", "aten::item", 150, 50),  # begun in the first gap: what the host was doing
     ]
     r = idle_report(events, top=5)
     assert (r["span_ms"], r["busy_ms"], r["idle_ms"], r["gaps"], r["gaps_over_20us"]) == (0.28, 0.21, 0.07, 2, 1)
     assert r["largest_gaps"] == [
-        dict(idle_us=60, after="sort", before="gather", host={"cudaStreamSynchronize": 60}),
-        dict(idle_us=10, after="gather", before="attn", host={"cudaLaunchKernel": 5}),
+        dict(idle_us=60, after="sort", before="gather", host={"cudaStreamSynchronize": 60}, ops={"aten::item": 1}),
+        dict(idle_us=10, after="gather", before="attn", host={"cudaLaunchKernel": 5}, ops={}),
     ]
     assert r["host_cuda_calls_ms"] == {"cudaStreamSynchronize": 0.07, "cudaLaunchKernel": 0.005}
     assert "idle     60.0 us  after sort" in format_idle(r) and idle_report([x("cpu_op", "a", 0, 1)]) == {}
