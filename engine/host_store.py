@@ -74,7 +74,7 @@ class HostKVStore(KVCache):
 
     def _allocate(self, shape: tuple[int, int, int], head_dim: int, dtype: torch.dtype) -> None:
         """``rec`` (L, num_slots, H_kv, R) uint8, and k, v, pos, state as views of it."""
-        self._kb = head_dim * torch.empty((), dtype=dtype).element_size()  # bytes of one head's k (and v)
+        self._kb = head_dim * dtype.itemsize  # bytes of one head's k (and v)
         self._at_pos = -(-2 * self._kb // 4) * 4  # pos and state are 4-byte aligned
         self.dtype = dtype
         self.rec = torch.empty(*shape, self._at_pos + 8, dtype=torch.uint8, device=self.device, pin_memory=self.pin_memory)
@@ -100,7 +100,7 @@ class HostKVStore(KVCache):
         return self._cat(torch.uint8, k, v, pos, state)
 
     def _cat(self, word: torch.dtype, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-        lead, w = pos.shape, torch.empty((), dtype=word).element_size()
+        lead, w = pos.shape, word.itemsize
         parts = [k.view(word), v.view(word)]
         gap = self._at_pos - 2 * self._kb  # 0 whenever k is whole words
         if gap:
