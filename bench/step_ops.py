@@ -57,10 +57,9 @@ def tiny_layout(shape: dict, head_dim: int = 8) -> dict:
                 vocab_size=1024, tie_word_embeddings=True, dtype="float32")
 
 
-def real_widths(shape: dict, layers: int | None) -> dict:
-    """``shape``'s attention widths in bf16, a tiny MLP and vocabulary, ``layers`` layers."""
-    return dict(shape, num_hidden_layers=layers or shape["num_hidden_layers"], intermediate_size=256, vocab_size=1024,
-                tie_word_embeddings=True, dtype="bfloat16")
+def real_widths(shape: dict) -> dict:
+    """``shape``'s attention widths in bf16, a tiny MLP and vocabulary."""
+    return dict(shape, intermediate_size=256, vocab_size=1024, tie_word_embeddings=True, dtype="bfloat16")
 
 
 def _nbytes(x) -> int:
@@ -129,8 +128,9 @@ def count_step(llm: LLM, at_step: int | None) -> dict:
 
 
 def build(a, recall: bool) -> LLM:
-    layout = real_widths(SHAPES[a.shape], a.layers) if a.bytes else dict(tiny_layout(SHAPES[a.shape]), **(
-        {"num_hidden_layers": a.layers} if a.layers else {}))
+    layout = (real_widths if a.bytes else tiny_layout)(SHAPES[a.shape])
+    if a.layers:
+        layout["num_hidden_layers"] = a.layers
     llm = LLM(shape_only_model(layout, f"{a.shape}-{'real' if a.bytes else 'tiny'}"), load_format="dummy", skip_tokenizer_init=True, device="cpu",
               chunk_size=a.chunk, max_num_seqs=max(8, a.num_requests), max_num_batched_tokens=a.num_requests * a.chunk,
               kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=recall, host_kv_tokens=65536 if recall else None,
