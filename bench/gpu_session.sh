@@ -13,6 +13,8 @@
 #
 #   bench/gpu_session.sh model TOK        # the 1.07B m1b model of the long-prompt workload -> $HOME/m1b
 #   bench/gpu_session.sh profile          # gpu_check; pytest -m gpu; m1b long prefill steps (no recall, recall); W1 prefill, recall (~6 min)
+#   bench/gpu_session.sh batch            # gpu_check, pytest -m gpu, then m1b and W1 steps with eviction per layer and batched (~6 min)
+#   bench/gpu_session.sh host             # the 1B long prefill's host side (cProfile), and at 16,384 batched tokens    (~2 min)
 #   bench/gpu_session.sh w1               # W1 whole H200: full, snapkv@512, + recall, against vLLM           (~8 min)
 #   bench/gpu_session.sh serve            # the 1B serving workload through HTTP: batchmax, vLLM, offline          (~5 min)
 #   bench/gpu_session.sh long             # long prompts through HTTP: batchmax (recall, none), offline, vLLM  (~9 min)
@@ -45,6 +47,29 @@ profile)
         --kv-budget 512 --profile-at 4 5 --json "$OUT/profile.jsonl"
     run python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 16 --kv-policy snapkv \
         --kv-budget 512 --kv-recall --profile-at 7 --json "$OUT/profile.jsonl" ;;
+batch)
+    # session 12's eviction batched over layers, on the device: correct (CPU = CUDA, sync =
+    # async, the CUDA tests), then each workload's steps with every layer alone (0) and batched
+    run timeout 150 python -m bench.gpu_check || echo "!! gpu_check failed (rc $?)"
+    run timeout 200 python -m pytest -q -m gpu --ignore=tests/reliability/test_fuzz_openapi.py || echo "!! pytest -m gpu failed"
+    for mib in 0 512; do
+        for recall in "" --kv-recall; do
+            run python -m bench.profile_steps --model "$M1B" --num-prompts 32 --prompt-len 12288 --output-len 64 --chunk 2048 \
+                --kv-policy snapkv --kv-budget 512 $recall --layer-batch-mib $mib --json "$OUT/batch.jsonl"
+        done
+        run python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 16 --kv-policy snapkv \
+            --kv-budget 512 --layer-batch-mib $mib --json "$OUT/batch.jsonl"
+    done ;;
+host)
+    # the 1B long-prompt prefill is host-bound (session 12: 35 ms of kernels in a ~59 ms step):
+    # the host side of three steady steps by function (cProfile), without and with recall, and
+    # the same run at twice the step's token budget (the host's share per token halves)
+    for recall in "" --kv-recall; do
+        run python -m bench.profile_steps --model "$M1B" --num-prompts 32 --prompt-len 12288 --output-len 64 --chunk 2048 \
+            --kv-policy snapkv --kv-budget 512 $recall --cprofile-at 20 21 22 --json "$OUT/host.jsonl"
+    done
+    run python -m bench.profile_steps --model "$M1B" --num-prompts 32 --prompt-len 12288 --output-len 64 --chunk 2048 \
+        --kv-policy snapkv --kv-budget 512 --max-num-batched-tokens 16384 --json "$OUT/host.jsonl" ;;
 w1)
     run python -m bench.throughput --workload W1 --configs full snapkv@512 snapkv@512+recall --peers vllm \
         --warmup-prompts 16 ${EXTRA:-} --json "$OUT/w1.jsonl" ;;

@@ -44,6 +44,8 @@ def main(argv=None) -> dict:
     p.add_argument("--host-kv-tokens", type=int, default=131072, help="recall's host store, tokens per layer (as bench/throughput.py)")
     p.add_argument("--recall-stage-tokens", type=int, default=32768,
                    help="recall: most parked tokens per layer re-selected in one group (the engine's recall_stage_tokens)")
+    p.add_argument("--layer-batch-mib", type=float, default=None,
+                   help="eviction's layer batch (EvictionConfig.layer_batch_mib; 0: every layer alone; default: the engine's)")
     p.add_argument("--fused-ops", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton RMSNorm/RoPE/SiLU kernels (default: with the Triton attention)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
@@ -71,7 +73,8 @@ def main(argv=None) -> dict:
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_policy=a.kv_policy,
               kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None,
               recall_stage_tokens=a.recall_stage_tokens, cuda_graphs=a.cuda_graphs, fused_ops=a.fused_ops,
-              async_scheduling=a.async_scheduling, cuda_graph_max_batch=max(256, a.max_num_seqs))
+              async_scheduling=a.async_scheduling, cuda_graph_max_batch=max(256, a.max_num_seqs),
+              **({} if a.layer_batch_mib is None else dict(layer_batch_mib=a.layer_batch_mib)))
     eng = llm.engine
     vocab = eng.runner.spec.vocab_size
     rng = random.Random(0)
@@ -199,7 +202,7 @@ def main(argv=None) -> dict:
     full_dec = [s for s in dec if s["batch"] == max(x["batch"] for x in dec)] if dec else []
     total = a.num_prompts * (a.prompt_len + a.output_len)
     res = dict(device=torch.cuda.get_device_name() if cuda else "cpu", num_prompts=a.num_prompts, prompt_len=a.prompt_len, output_len=a.output_len,
-               chunk=a.chunk, kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, recall_stage_tokens=a.recall_stage_tokens if a.kv_recall else None, fused_ops=eng.runner.fused_ops, cuda_graphs=a.cuda_graphs,
+               chunk=a.chunk, layer_batch_mib=eng.config.eviction.layer_batch_mib, kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=a.kv_recall, host_kv_tokens=a.host_kv_tokens if a.kv_recall else None, recall_stage_tokens=a.recall_stage_tokens if a.kv_recall else None, fused_ops=eng.runner.fused_ops, cuda_graphs=a.cuda_graphs,
                async_scheduling=eng.async_scheduling,
                elapsed_s=round(elapsed, 2), total_tok_s=round(total / elapsed), prefill=summary(pre), prefill_completing_prompts=summary(last),
                prefill_other=summary([s for s in pre if not s["last_chunks"]]), decode=summary(dec),
@@ -222,8 +225,9 @@ def main(argv=None) -> dict:
         if kind in idle:
             print(f"----- {kind}: the GPU's idle time -----\n{format_idle(idle[kind])}")
     if a.cprofile_at:
-        print(f"\n===== host side of steps {a.cprofile_at} (cProfile, cumulative) =====")
-        pstats.Stats(at_prof).sort_stats("cumulative").print_stats(40)
+        print(f"\n===== host side of steps {a.cprofile_at} (cProfile, by own time, then cumulative) =====")
+        pstats.Stats(at_prof).sort_stats("tottime").print_stats(40)
+        pstats.Stats(at_prof).sort_stats("cumulative").print_stats(60)
     if host_steps:
         print(f"\n===== host side of {host_steps} decode steps at batch {a.num_prompts} (cProfile, by own time) =====")
         pstats.Stats(host_prof).sort_stats("tottime").print_stats(30)

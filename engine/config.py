@@ -114,6 +114,14 @@ class EvictionConfig:
     evict_decode_every: int = 0
     """Also evict during decode every k generated tokens (0: only during prefill). The
     decode footprint is then ``budget + k`` instead of ``budget + max_tokens``."""
+    layer_batch_mib: float = 512
+    """Eviction of consecutive layers runs as one batch (one gather, score, top-k and scatter
+    for all of them instead of one per layer) until the batch's gathered keys and values reach
+    this many MiB (fractions allowed), and always ends at the last layer; the same tokens are
+    kept. The batch is
+    device memory beside the pool (the pool leaves room for activations). 0: each layer evicts
+    alone right after its attention. Stateful policies (h2o) and ones that are not
+    ``rows_independent`` always evict per layer."""
 
     def __post_init__(self) -> None:
         if self.kv_budget is not None and self.kv_budget <= 0:
@@ -125,6 +133,8 @@ class EvictionConfig:
             raise ValueError(f"recall_attention must be 'compressed' or 'recalled', got {self.recall_attention!r}")
         if self.evict_decode_every < 0:
             raise ValueError("evict_decode_every must be >= 0")
+        if self.layer_batch_mib < 0:
+            raise ValueError("layer_batch_mib must be >= 0")
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Batch-Max eviction inside the forward: after each layer's attention, the requests whose
-cache in that layer outgrew their budget are scored by their policy, keep the top-k tokens per
-KV head (plus sinks and the recent window) and are compacted in place.
+"""Batch-Max eviction inside the forward: once a layer has attended, the requests whose cache
+in that layer outgrew their budget are scored by their policy, keep the top-k tokens per KV
+head (plus sinks and the recent window) and are compacted in place.
 
 When a request evicts (its layer ``l`` holds ``held + n`` tokens after this step):
 
@@ -14,8 +14,10 @@ queries (kept across steps in a small per-request buffer, so a window can span d
 or, for ``obs_window=None`` (h2o), this step's queries: such policies are stateful and fold
 every step's queries into their running state, evicting or not, so no query is missed.
 
-Everything is batched over the requests of one policy per layer: one gather of their keys,
-one ``score``, one ``select_keep`` (its plan made once per step), one scatter back into the pool.
+Everything is batched over the requests of one policy and over consecutive layers (nothing
+reads a layer's cache again in the forward once it has attended): one gather of their keys,
+one ``score``, one ``select_keep`` (its plan made once per step), one scatter back into the
+pool per batch of layers (``EvictionConfig.layer_batch_mib``; the last layer ends a batch).
 
 Recall (``Request.recall``): the tokens a prefill chunk drops are parked in the host store
 instead of being lost. At the prompt's last chunk, after the chunk's attention (which used
@@ -62,6 +64,16 @@ class _Member:
 
 
 @dataclass
+class _PoolLayer:
+    """The pool's tensors one eviction batch indexes (one layer's, or all layers' flattened)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    state: torch.Tensor | None
+
+
+@dataclass
 class _Group:
     policy: EvictionPolicy
     members: list[_Member] = field(default_factory=list)
@@ -105,8 +117,17 @@ class Evictor:
         q_dtype: torch.dtype,
         host: HostKVStore | None = None,
         recall_attention: str = "compressed",
+        layer_batch_bytes: int = 0,
     ) -> None:
+        """``layer_batch_bytes``: the eviction of consecutive layers is batched until the
+        batch's gathered keys and values reach this size (``EvictionConfig.layer_batch_mib``);
+        0: every layer evicts alone."""
         self.host = host
+        self.layer_batch_bytes = layer_batch_bytes
+        self._pending: dict[str, list[tuple[int, list[_Member], tuple | None]]] = {}
+        """group key -> the layers whose eviction waits for the batch: (layer, members, their
+        queries, taken when the layer attended)."""
+        self._pending_bytes: dict[str, int] = {}
         self.recall_attention = recall_attention
         self.cache = cache
         self.num_layers = num_layers
@@ -260,68 +281,121 @@ class Evictor:
                 self._fresh[(layer, key)] = ({m.req.request_id: i for i, m in enumerate(whole)}, got)
 
     def __call__(self, layer: int, q: torch.Tensor, attn: PoolAttention) -> None:
-        """After the layer attended: evict (and park, and recall)."""
+        """After the layer attended: evict (and park, and recall). Batched layers only take
+        their queries here; their eviction runs when the batch is full or at the last layer
+        (nothing reads a layer's cache again in this forward once it has attended)."""
         meta = attn.meta
         for key, group in self.groups.items():
             pol = group.policy
             members = [m for m in group.members if (m.evict_layers[layer] or pol.stateful) and not self._recalls_now(m, layer)]
             if members:
-                self._score_and_compact(layer, pol, members, q, meta)
+                queries = self._queries(pol, members, layer, q, meta) if pol.needs_queries else None
+                if self._batches(pol):
+                    self._pending.setdefault(key, []).append((layer, members, queries))
+                    tokens = sum(meta.lens[m.b][layer] + m.n for m in members)
+                    self._pending_bytes[key] = self._pending_bytes.get(key, 0) + 2 * tokens * self._token_bytes
+                    if self._pending_bytes[key] >= self.layer_batch_bytes:
+                        self._flush(key, meta)
+                else:
+                    self._score_and_compact(pol, [(layer, members, queries)], meta)
+            if layer == self.num_layers - 1:
+                self._flush(key, meta)
             self._recall_groups(layer, key, False, q, meta)
 
-    def _score_and_compact(self, layer: int, pol: EvictionPolicy, members: list[_Member], q: torch.Tensor, meta) -> None:
+    @property
+    def _token_bytes(self) -> int:
+        """One token's K (or V) in one layer."""
+        k = self.cache.k
+        return k.shape[2] * k.shape[3] * k.element_size()
+
+    def _batches(self, pol: EvictionPolicy) -> bool:
+        # a stateful policy's queries are the whole chunk's (obs_window None): too large to hold
+        return self.layer_batch_bytes > 0 and pol.rows_independent and not pol.stateful and (
+            not pol.needs_queries or pol.obs_window is not None)
+
+    def _flush(self, key: str, meta) -> None:
+        jobs = self._pending.pop(key, None)
+        self._pending_bytes.pop(key, None)
+        if jobs:
+            self._score_and_compact(self.groups[key].policy, jobs, meta)
+
+    def _score_and_compact(self, pol: EvictionPolicy, jobs: list[tuple[int, list[_Member], tuple | None]], meta) -> None:
+        """Evict the ``jobs`` (layer, members, their queries) of one policy in one batch: a
+        row per (layer, member), one gather of their keys, one score, one top-k, one scatter."""
         cache, dev = self.cache, self.cache.device
         stage = cache.stager.to_device  # every index goes up staged: a list index would sync
-        lens = [meta.lens[m.b][layer] + m.n for m in members]  # held after this step's writes
+        rows = [(layer, m) for layer, members, _ in jobs for m in members]
+        lens = [meta.lens[m.b][layer] + m.n for layer, m in rows]  # held after this step's writes
         T = max(lens)
-        rows = tuple(m.b for m in members)
+        bs = tuple(m.b for _, m in rows)
+        single = len(jobs) == 1
+        layer = jobs[0][0] if single else -1
 
         def rows_and_mask():
-            slots = meta.slots.index_select(0, stage(list(rows), torch.int64))[:, :T]  # (B, T); pad entries are valid slots of the row
-            return slots, torch.arange(T, device=dev)[None, :] < stage(lens, torch.int64)[:, None]  # (B, T)
+            slots = meta.slots.index_select(0, stage(list(bs), torch.int64))[:, :T]  # (R, T); pad entries are valid slots of the row
+            return slots, torch.arange(T, device=dev)[None, :] < stage(lens, torch.int64)[:, None]  # (R, T)
 
-        slots, key_mask = self._shared(("score", rows, tuple(lens)), rows_and_mask)
-        keys = cache.k[layer, slots].transpose(1, 2)  # (B, H_kv, T, D)
-        values = cache.v[layer, slots].transpose(1, 2)
-        key_pos = cache.pos[layer, slots].transpose(1, 2).to(torch.int64)  # (B, H_kv, T)
+        slots, key_mask = self._shared(("score", bs, tuple(lens)), rows_and_mask)
+        layers = None if single else np.array([lr for lr, _ in rows], dtype=np.int64)
+        if pol.stateful and cache.state is None:
+            cache.ensure_state()
+        pool, at = self._pool_views(layer, layers, slots)
+        keys = pool.k[at].transpose(1, 2)  # (R, H_kv, T, D)
+        values = pool.v[at].transpose(1, 2)
+        key_pos = pool.pos[at].transpose(1, 2).to(torch.int64)  # (R, H_kv, T)
 
         queries = q_pos = q_mask = None
         if pol.needs_queries:
-            queries, q_pos, q_mask = self._queries(pol, members, layer, q, meta)
+            parts = [qs for _, _, qs in jobs]
+            queries, q_pos, q_mask = parts[0] if single else (torch.cat([p[i] for p in parts]) for i in range(3))
         state = None
         if pol.stateful:
-            if cache.state is None:
-                cache.ensure_state()
-            held = stage([meta.lens[m.b][layer] for m in members], torch.int64)
+            held = stage([meta.lens[m.b][lr] for lr, m in rows], torch.int64)
             old = torch.arange(T, device=dev)[None, :] < held[:, None]  # new keys start at 0
-            state = cache.state[layer, slots].transpose(1, 2) * old[:, None, :]  # (B, H_kv, T)
+            state = pool.state[at].transpose(1, 2) * old[:, None, :]  # (R, H_kv, T)
         ctx = ScoreContext(keys, values if pol.needs_values else None, key_pos, key_mask, queries, q_pos, q_mask, state,
                            layer, self.num_layers)
         result = pol.score(ctx)
 
         # rows that do not evict keep everything (stateful policies still update their state);
         # every count is known on the host, so nothing here waits for the GPU
-        keep = [min(m.req.layer_budgets[layer], ln) if m.evict_layers[layer] else ln for m, ln in zip(members, lens)]
-        plan = self._shared(("plan", rows, tuple(lens), tuple(keep), pol.sink, pol.window), lambda: keep_plan(
+        keep = [min(m.req.layer_budgets[lr], ln) if m.evict_layers[lr] else ln for (lr, m), ln in zip(rows, lens)]
+        plan = self._shared(("plan", bs, tuple(lens), tuple(keep), pol.sink, pol.window), lambda: keep_plan(
             key_mask, stage(keep, torch.int64), pol.sink, pol.window, max_keep=max(keep), uniform=len(set(keep)) == 1))
         keep_idx = select_planned(result.scores, plan)
-        self._keep_front(layer, meta, members, np.asarray(keep, dtype=np.int64), keep_idx, keys, values, key_pos, result.state)
-        parking = [i for i, m in enumerate(members) if m.recall and m.evict_layers[layer]]
+        members = [m for _, m in rows]
+        self._keep_front(layer if single else layers, meta, members, np.asarray(keep, dtype=np.int64), keep_idx, keys, values,
+                         key_pos, result.state)
+        parking = [i for i, (lr, m) in enumerate(rows) if m.recall and m.evict_layers[lr]]
         if parking:
-            if len(parking) == len(members):
-                # every member parks (the rule when recall is on): no copy. On the H200 the
+            if len(parking) == len(rows):
+                # every row parks (the rule when recall is on): no copy. On the H200 the
                 # index_select of keys and values cost 9.3 ms of a 235 ms W1 prefill step.
                 sel = lambda t: t  # noqa: E731
             else:
                 pidx = self._shared(("park", tuple(parking)), lambda: stage(parking, torch.int64))
                 sel = lambda t: None if t is None else t.index_select(0, pidx)  # noqa: E731
             self._park(
-                layer, [members[i] for i in parking], [lens[i] - keep[i] for i in parking], sel(keep_idx), sel(key_mask),
-                sel(keys), sel(values), sel(key_pos), sel(result.state),
+                layer if single else [rows[i][0] for i in parking], [members[i] for i in parking],
+                [lens[i] - keep[i] for i in parking], sel(keep_idx), sel(key_mask), sel(keys), sel(values), sel(key_pos),
+                sel(result.state),
             )
-        for m, ln, kl in zip(members, lens, keep):
-            if m.evict_layers[layer]:
-                self._shrunk(m, layer, ln, kl)
+        for (lr, m), ln, kl in zip(rows, lens, keep):
+            if m.evict_layers[lr]:
+                self._shrunk(m, lr, ln, kl)
+
+    def _pool_views(self, layer: int, layers: np.ndarray | None, slots: torch.Tensor):
+        """The pool's tensors to index and the index: one layer's (S, H_kv[, D]) and ``slots``,
+        or, for rows of several layers (``layers`` (R,)), every layer's flattened to
+        (L * S, H_kv[, D]) and each row's slots offset to its layer."""
+        cache = self.cache
+        if layers is None:
+            return _PoolLayer(cache.k[layer], cache.v[layer], cache.pos[layer],
+                              None if cache.state is None else cache.state[layer]), slots
+        flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
+        S = cache.k.shape[1]
+        offset = self._shared(("layers", layers.tobytes()), lambda: cache.stager.to_device(torch.from_numpy(layers * S), torch.int64))
+        return _PoolLayer(flat(cache.k), flat(cache.v), flat(cache.pos), flat(cache.state)), slots + offset[:, None]
 
     def _shrunk(self, m: _Member, layer: int, held: int, kept: int) -> None:
         """The layer of ``m`` goes from ``held`` tokens in the pool to ``kept`` (at finish)."""
@@ -329,32 +403,37 @@ class Evictor:
         nl[layer] = kept
         self.evicted_tokens += held - kept
 
-    def _keep_front(self, layer: int, meta, members: list[_Member], keep: np.ndarray, keep_idx: torch.Tensor,
+    def _keep_front(self, layer: int | np.ndarray, meta, members: list[_Member], keep: np.ndarray, keep_idx: torch.Tensor,
                     keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, state: torch.Tensor | None,
                     values_at: torch.Tensor | None = None) -> None:
-        """Write member i's ``keep[i]`` kept tokens (``keep_idx`` (B, H, K) into keys, values
-        (B, H, T, D) and pos, state (B, H, T)) to the first ``keep[i]`` slots of its row of the
-        pool, per head: the kept tokens move to the front. ``values_at`` (B, H, T): where each
-        index of the keys' order is in ``values``, when values are in another order."""
+        """Write row i's ``keep[i]`` kept tokens (``keep_idx`` (B, H, K) into keys, values
+        (B, H, T, D) and pos, state (B, H, T)) to the first ``keep[i]`` slots of its member's
+        row of the pool in ``layer`` (or in ``layer[i]``, an array with a layer per row), per
+        head: the kept tokens move to the front. ``values_at`` (B, H, T): where each index of
+        the keys' order is in ``values``, when values are in another order."""
         stage = self.cache.stager.to_device
         b_of = np.array([m.b for m in members], dtype=np.int64)
+        single = not isinstance(layer, np.ndarray)
 
         def places():
-            rows, cols = _ragged(keep)  # (M,) member of each kept token and its place in the row
+            rows, cols = _ragged(keep)  # (M,) row of each kept token and its place in the member's row
             dst = meta.slots[stage(torch.from_numpy(b_of[rows]), torch.int64), stage(torch.from_numpy(cols), torch.int64)]
+            if not single:  # into the flattened (L * S) pool
+                dst = dst + stage(torch.from_numpy(layer[rows] * self.cache.k.shape[1]), torch.int64)
             return dst, stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
 
-        dst, rows, cols = self._shared(("front", b_of.tobytes(), keep.tobytes()), places)
+        key = ("front", b_of.tobytes(), keep.tobytes()) + (() if single else (layer.tobytes(),))
+        dst, rows, cols = self._shared(key, places)
+        pool, _ = self._pool_views(layer if single else -1, None if single else layer, dst)
         gidx = keep_idx[..., None].expand(-1, -1, -1, keys.shape[-1])
         take = lambda t, ix: t.gather(2, ix)[rows, :, cols]  # noqa: E731  (B, H, K[, D]) -> (M, H[, D])
-        cache = self.cache
-        cache.k[layer].index_copy_(0, dst, take(keys, gidx))
+        pool.k.index_copy_(0, dst, take(keys, gidx))
         if values_at is not None:
             gidx = values_at.gather(2, keep_idx)[..., None].expand(-1, -1, -1, values.shape[-1])
-        cache.v[layer].index_copy_(0, dst, take(values, gidx))
-        cache.pos[layer].index_copy_(0, dst, take(pos, keep_idx).to(torch.int32))
+        pool.v.index_copy_(0, dst, take(values, gidx))
+        pool.pos.index_copy_(0, dst, take(pos, keep_idx).to(torch.int32))
         if state is not None:
-            cache.state[layer].index_copy_(0, dst, take(state, keep_idx))
+            pool.state.index_copy_(0, dst, take(state, keep_idx))
 
     @staticmethod
     def _dropped(keep_idx: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -368,8 +447,9 @@ class Evictor:
 
     def _park(self, layer, members, counts, keep_idx, key_mask, keys, values, key_pos, state, replace: bool = False,
               values_at: torch.Tensor | None = None) -> None:
-        """Send what the layer just dropped (``counts[i]`` tokens of member i) to the host
-        store. keep_idx (B, H, K); keys, values (B, H, T, D); key_pos, state (B, H, T).
+        """Send what the layer (``layer``, or ``layer[i]`` for row i) just dropped (``counts[i]``
+        tokens of member i) to the host store, in one gather for all rows. keep_idx (B, H, K);
+        keys, values (B, H, T, D); key_pos, state (B, H, T).
         ``replace``: these become the layer's whole parked run instead of being appended.
         ``values_at``: as in ``_keep_front``."""
         if replace:
@@ -386,6 +466,8 @@ class Evictor:
 
         # the store packs a row into (c, H) records: one copy per member and host run
         items = [(m.req.request_id, i, c) for i, (m, c) in enumerate(zip(members, counts)) if c]
+        if not isinstance(layer, int):
+            layer = [layer[i] for i, c in enumerate(counts) if c]
         v = take(values) if values_at is None else take(values, values_at.gather(2, idx))
         self.host.park(layer, items, take(keys), v, take(key_pos), None if state is None else take(state))
 
@@ -507,6 +589,8 @@ class Evictor:
         """Lower the held lengths of the layers that evicted (after the step's commit)."""
         if self._recall_queue:  # the plan and the hooks disagree: a bug, not a user error
             raise RuntimeError(f"recall re-selections planned but not run: {[(l, b) for l, _, b, _ in self._recall_queue]}")
+        if self._pending:  # the last layer flushes every batch
+            raise RuntimeError(f"eviction batches never run: layers {[[j[0] for j in v] for v in self._pending.values()]}")
         for key in {k for _, k in self._fresh}:  # the gathered windows, all layers of a member at once
             layers = [self._fresh[(layer, key)] for layer in range(self.num_layers)]
             stacked = torch.stack([got for _, got in layers], dim=1)  # (M, L, W, H_q, D)

@@ -148,15 +148,17 @@ class HostKVStore(KVCache):
 
     # ---- parking (device -> host) ------------------------------------------------------------
 
-    def park(self, layer: int, items: list[tuple[str, int, int]], k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+    def park(self, layer: int | list[int], items: list[tuple[str, int, int]], k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
              state: torch.Tensor | None) -> None:
         """Append tokens to the layers' parked runs. ``items``: (request id, row, count): row
         ``row``'s first ``count`` entries of k, v (B, C, H, D), pos, state (B, C, H), on the
-        compute device, go after the request's tokens parked in this layer so far."""
+        compute device, go after the request's tokens parked in ``layer`` (or in ``layer[j]``
+        for item j: the rows of a batch of layers, packed in one kernel) so far."""
         src = self._pack(k, v, pos, state)  # (B, C, H, R)
+        layers = [layer] * len(items) if isinstance(layer, int) else layer
 
         def copies(non_blocking: bool) -> None:
-            for rid, row, n in items:
+            for (rid, row, n), layer in zip(items, layers):
                 seq = self.seqs[rid]
                 for off, s0, m in self._runs(rid, seq.lens[layer], n):
                     self.rec[layer, s0 : s0 + m].copy_(src[row, off : off + m], non_blocking=non_blocking)

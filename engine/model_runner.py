@@ -199,7 +199,8 @@ class ModelRunner:
         if any(r.policy is not None for r in requests):
             spec = self.spec
             ev = self.config.eviction
-            evictor = Evictor(cache, spec.num_layers, self.local_heads, ev.evict_decode_every, windows, self.dtype, host, ev.recall_attention)
+            evictor = Evictor(cache, spec.num_layers, self.local_heads, ev.evict_decode_every, windows, self.dtype, host, ev.recall_attention,
+                              layer_batch_bytes=int(ev.layer_batch_mib * 2**20))
             if not evictor.plan(requests, num_new, positions, meta.query_start):
                 evictor = None
         graphs = self.graphs

@@ -49,6 +49,8 @@ class ScoreContext:
     """(B, H_kv, T) float32 running state of stateful policies, aligned with keys; 0 for keys
     new since the last eviction. None for stateless policies."""
     layer_idx: int
+    """The layer of every row, or -1 when the rows come from several layers (only for policies
+    with ``rows_independent``)."""
     num_layers: int
 
 
@@ -79,6 +81,10 @@ class EvictionPolicy(abc.ABC):
     """True: the engine passes ``ScoreContext.values``."""
     stateful: ClassVar[bool] = False
     """True: the engine carries ``ScoreResult.state`` between evictions, aligned with the keys."""
+    rows_independent: ClassVar[bool] = True
+    """True: ``score`` treats every row of its batch on its own and reads no ``layer_idx``, so
+    the engine may score the rows of several layers in one call (``layer_idx`` is then -1): one
+    set of operators per step instead of one per layer. False: one layer per call."""
     # Policies with needs_queries also declare an instance field
     #   obs_window: int | None  — how many latest queries to observe; None = every query since
     #   this request's previous eviction in this layer.

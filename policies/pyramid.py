@@ -76,6 +76,10 @@ class PyramidPolicy(EvictionPolicy):
         return self.scorer.stateful
 
     @property
+    def rows_independent(self) -> bool:  # type: ignore[override]
+        return self.scorer.rows_independent
+
+    @property
     def obs_window(self) -> int | None:
         return getattr(self.scorer, "obs_window", None)
 

@@ -36,6 +36,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-budget", type=int, default=None, help="default tokens kept per layer and KV head")
     p.add_argument("--kv-policy-args", type=json.loads, default={}, help='JSON fields of the default policy, e.g. \'{"obs_window": 8}\'')
     p.add_argument("--evict-decode-every", type=int, default=0, help="also evict every k decode steps (0: prefill only)")
+    p.add_argument("--layer-batch-mib", type=float, default=512,
+                   help="evict consecutive layers as one batch up to this many MiB of gathered K/V (0: each layer alone)")
     p.add_argument("--kv-recall", action=argparse.BooleanOptionalAction, default=False, help="park evicted prefill K/V in host memory and re-select at the last chunk")
     p.add_argument("--host-kv-tokens", type=int, default=None, help="recall's host store capacity in tokens per layer")
     p.add_argument("--recall-stage-tokens", type=int, default=32768,
@@ -78,6 +80,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_budget=args.kv_budget,
         kv_policy_args=args.kv_policy_args,
         evict_decode_every=args.evict_decode_every,
+        layer_batch_mib=args.layer_batch_mib,
         kv_recall=args.kv_recall,
         host_kv_tokens=args.host_kv_tokens,
         recall_stage_tokens=args.recall_stage_tokens,
