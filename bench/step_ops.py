@@ -10,6 +10,7 @@ widths and random weights.
 
     python -m bench.step_ops --shape m1b --num-requests 4 --prompt-len 1024 --chunk 256 --kv-policy snapkv --kv-budget 64
     python -m bench.step_ops --shape m1b ... --kv-recall        # recall's share
+    python -m bench.step_ops --shape m1b ... --layer-batch-mib 0  # eviction per layer (default: batched)
     python -m bench.step_ops --shape 8b --bytes --layers 2 --num-requests 16 --prompt-len 2048 --chunk 512 --kv-budget 512
                                                                 # the memory each function moves, at the real widths
 
@@ -134,7 +135,8 @@ def build(a, recall: bool) -> LLM:
     llm = LLM(shape_only_model(layout, f"{a.shape}-{'real' if a.bytes else 'tiny'}"), load_format="dummy", skip_tokenizer_init=True, device="cpu",
               chunk_size=a.chunk, max_num_seqs=max(8, a.num_requests), max_num_batched_tokens=a.num_requests * a.chunk,
               kv_policy=a.kv_policy, kv_budget=a.kv_budget, kv_recall=recall, host_kv_tokens=65536 if recall else None,
-              num_tokens=a.num_requests * (a.prompt_len + a.output_len) + 1024)
+              num_tokens=a.num_requests * (a.prompt_len + a.output_len) + 1024,
+              **({} if a.layer_batch_mib is None else dict(layer_batch_mib=a.layer_batch_mib)))
     rng = random.Random(0)
     params = SamplingParams(max_tokens=a.output_len, ignore_eos=True)
     for i in range(a.num_requests):
@@ -156,6 +158,8 @@ def main(argv=None) -> dict:
     p.add_argument("--top", type=int, default=25, help="functions listed")
     p.add_argument("--bytes", action="store_true", help="real attention widths (bf16): also the bytes each function moves")
     p.add_argument("--layers", type=int, default=None, help="layers of the model (default: the shape's)")
+    p.add_argument("--layer-batch-mib", type=float, default=None,
+                   help="eviction's layer batch (EvictionConfig.layer_batch_mib; 0: every layer alone; default: the engine's)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -178,8 +182,12 @@ def main(argv=None) -> dict:
     moved = counted["bytes_by_function"]
     for fn, n in list(counted["by_function"].items())[: a.top]:
         print(f"{n:7d}  {n / layers:7.1f}/layer  " + (f"{moved.get(fn, 0) / layers / 2**20:9.1f} MiB/layer  " if a.bytes else "") + fn)
+    ours = lambda fn: fn.startswith(("engine/evictor.py", "engine/eviction.py", "engine/host_store.py", "policies/"))  # noqa: E731
+    counted["eviction_ops"] = sum(n for fn, n in counted["by_function"].items() if ours(fn))
+    counted["layer_batch_mib"] = a.layer_batch_mib
+    print(f"eviction and recall (evictor, host store, policies): {counted['eviction_ops']} operators")
     if a.bytes:
-        ev = sum(b for fn, b in moved.items() if fn.startswith(("engine/evictor.py", "engine/eviction.py", "engine/host_store.py", "policies/")))
+        ev = sum(b for fn, b in moved.items() if ours(fn))
         counted["eviction_bytes_per_layer"] = ev / layers
         print(f"eviction and recall (evictor, host store, policies): {ev / layers / 2**20:.1f} MiB per layer, "
               f"{ev / layers * full_depth / COPY_RATE * 1e3:.2f} ms a step of {full_depth} layers at {COPY_RATE / 1e12:.1f} TB/s")

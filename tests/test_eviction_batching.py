@@ -102,3 +102,14 @@ def test_batched_layers_issue_fewer_operators(tiny_llama):
     assert evicted[512] == evicted[0] > 0
     # what stays per layer: each layer's queries into the observation windows (_push_windows)
     assert counts[512] < 0.7 * counts[0], counts
+
+
+def test_layer_batch_option_reaches_the_engine_and_is_checked(tiny_llama):
+    from batchmax.server.cli import build_parser, engine_kwargs
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_llama), "--layer-batch-mib", "64"])
+    cfg = EngineConfig.from_kwargs(**engine_kwargs(args))
+    assert cfg.eviction.layer_batch_mib == 64
+    assert EngineConfig.from_kwargs(**engine_kwargs(build_parser().parse_args(["serve", "--model", "m"]))).eviction.layer_batch_mib == 512
+    with pytest.raises(ValueError, match="layer_batch_mib must be >= 0"):
+        EngineConfig.from_kwargs(model=str(tiny_llama), layer_batch_mib=-1)
