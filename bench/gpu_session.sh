@@ -10,6 +10,8 @@
 #   - a tokenizer folder (SmolLM2's): carry it as a .tar.xz (0.45 MB; the 3.4 MB folder with
 #     deps and part.00 is over the 64 MiB a call carries) and unpack it to TOK there.
 #   Session 11's calls: model + profile 274 s, install + w1 240 s, w2 28 383 s, w2 all 383 s.
+#   Session 12's: model + profile 305 s, model + host 104 s, model + batch 319 s, install + w1
+#   270 s, w2 all 372 s; a lease's start adds ~80 s of device time before the first call.
 #
 #   bench/gpu_session.sh model TOK        # the 1.07B m1b model of the long-prompt workload -> $HOME/m1b
 #   bench/gpu_session.sh profile          # gpu_check; pytest -m gpu; m1b long prefill steps (no recall, recall); W1 prefill, recall (~6 min)
