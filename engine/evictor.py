@@ -340,9 +340,19 @@ class Evictor:
         if pol.stateful and cache.state is None:
             cache.ensure_state()
         pool, at = self._pool_views(layer, layers, slots)
-        keys = pool.k[at].transpose(1, 2)  # (R, H_kv, T, D)
-        values = pool.v[at].transpose(1, 2)
-        key_pos = pool.pos[at].transpose(1, 2).to(torch.int64)  # (R, H_kv, T)
+        R, H = at.shape[0], cache.k.shape[2]
+        # every (slot, head) of the rows, head-major: the gathers come out (R, H_kv, T[, D])
+        # contiguous, the layout the scoring and the top-k read, instead of a transposed view
+        # that each later operator reads through strides
+        heads = self._shared(("heads", bs, tuple(lens), None if layers is None else layers.tobytes()), lambda: (
+            at[:, None, :] * H + torch.arange(H, device=dev)[None, :, None]).view(-1))  # (R * H_kv * T,)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:  # (S, H_kv[, D]) -> (R, H_kv, T[, D])
+            return t.flatten(0, 1).index_select(0, heads).view(R, H, T, *t.shape[2:])
+
+        keys = gather(pool.k)  # (R, H_kv, T, D)
+        values = gather(pool.v)
+        key_pos = gather(pool.pos).to(torch.int64)  # (R, H_kv, T)
 
         queries = q_pos = q_mask = None
         if pol.needs_queries:
@@ -352,7 +362,7 @@ class Evictor:
         if pol.stateful:
             held = stage([meta.lens[m.b][lr] for lr, m in rows], torch.int64)
             old = torch.arange(T, device=dev)[None, :] < held[:, None]  # new keys start at 0
-            state = pool.state[at].transpose(1, 2) * old[:, None, :]  # (R, H_kv, T)
+            state = gather(pool.state) * old[:, None, :]  # (R, H_kv, T)
         ctx = ScoreContext(keys, values if pol.needs_values else None, key_pos, key_mask, queries, q_pos, q_mask, state,
                            layer, self.num_layers)
         result = pol.score(ctx)
