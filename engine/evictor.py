@@ -339,7 +339,8 @@ class Evictor:
         layers = None if single else np.array([lr for lr, _ in rows], dtype=np.int64)
         if pol.stateful and cache.state is None:
             cache.ensure_state()
-        pool, at = self._pool_views(layer, layers, slots)
+        pool = self._pool(layer if layers is None else None)
+        at = slots if layers is None else slots + self._layer_offsets(layers)[:, None]  # (R, T) slots in ``pool``
         R, H = at.shape[0], cache.k.shape[2]
         # every (slot, head) of the rows, head-major: the gathers come out (R, H_kv, T[, D])
         # contiguous, the layout the scoring and the top-k read, instead of a transposed view
@@ -394,18 +395,19 @@ class Evictor:
             if m.evict_layers[lr]:
                 self._shrunk(m, lr, ln, kl)
 
-    def _pool_views(self, layer: int, layers: np.ndarray | None, slots: torch.Tensor):
-        """The pool's tensors to index and the index: one layer's (S, H_kv[, D]) and ``slots``,
-        or, for rows of several layers (``layers`` (R,)), every layer's flattened to
-        (L * S, H_kv[, D]) and each row's slots offset to its layer."""
+    def _pool(self, layer: int | None) -> _PoolLayer:
+        """The pool's tensors a batch indexes: one layer's (S, H_kv[, D]), or with ``None``
+        (rows of several layers) every layer's flattened to (L * S, H_kv[, D])."""
         cache = self.cache
-        if layers is None:
-            return _PoolLayer(cache.k[layer], cache.v[layer], cache.pos[layer],
-                              None if cache.state is None else cache.state[layer]), slots
-        flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
-        S = cache.k.shape[1]
-        offset = self._shared(("layers", layers.tobytes()), lambda: cache.stager.to_device(torch.from_numpy(layers * S), torch.int64))
-        return _PoolLayer(flat(cache.k), flat(cache.v), flat(cache.pos), flat(cache.state)), slots + offset[:, None]
+        if layer is None:
+            flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
+            return _PoolLayer(flat(cache.k), flat(cache.v), flat(cache.pos), flat(cache.state))
+        return _PoolLayer(cache.k[layer], cache.v[layer], cache.pos[layer], None if cache.state is None else cache.state[layer])
+
+    def _layer_offsets(self, layers: np.ndarray) -> torch.Tensor:
+        """(R,) where each row's layer starts in the flattened pool, in slots."""
+        S = self.cache.k.shape[1]
+        return self._shared(("layers", layers.tobytes()), lambda: self.cache.stager.to_device(torch.from_numpy(layers * S), torch.int64))
 
     def _shrunk(self, m: _Member, layer: int, held: int, kept: int) -> None:
         """The layer of ``m`` goes from ``held`` tokens in the pool to ``kept`` (at finish)."""
@@ -434,7 +436,7 @@ class Evictor:
 
         key = ("front", b_of.tobytes(), keep.tobytes()) + (() if single else (layer.tobytes(),))
         dst, rows, cols = self._shared(key, places)
-        pool, _ = self._pool_views(layer if single else -1, None if single else layer, dst)
+        pool = self._pool(layer if single else None)
         gidx = keep_idx[..., None].expand(-1, -1, -1, keys.shape[-1])
         take = lambda t, ix: t.gather(2, ix)[rows, :, cols]  # noqa: E731  (B, H, K[, D]) -> (M, H[, D])
         pool.k.index_copy_(0, dst, take(keys, gidx))
