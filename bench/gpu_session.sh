@@ -15,7 +15,7 @@
 #
 #   bench/gpu_session.sh model TOK        # the 1.07B m1b model of the long-prompt workload -> $HOME/m1b
 #   bench/gpu_session.sh profile          # gpu_check; pytest -m gpu; m1b long prefill steps (no recall, recall); W1 prefill, recall (~6 min)
-#   bench/gpu_session.sh batch            # gpu_check, pytest -m gpu, then m1b and W1 steps with eviction per layer and batched (~6 min)
+#   bench/gpu_session.sh batch            # gpu_check, pytest -m gpu, m1b and W1 steps per layer and batched, W1 step kernels (~6.5 min)
 #   bench/gpu_session.sh host             # the 1B long prefill's host side (cProfile), and at 16,384 batched tokens    (~2 min)
 #   bench/gpu_session.sh w1               # W1 whole H200: full, snapkv@512, + recall, against vLLM           (~8 min)
 #   bench/gpu_session.sh serve            # the 1B serving workload through HTTP: batchmax, vLLM, offline          (~5 min)
@@ -61,7 +61,11 @@ batch)
         done
         run python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 16 --kv-policy snapkv \
             --kv-budget 512 --layer-batch-mib $mib --json "$OUT/batch.jsonl"
-    done ;;
+    done
+    # the 8B steady prefill step's kernels with the batched evictor (session 12's per-layer
+    # table: 201 ms of kernels, ~24 ms of them eviction's), to see what batching changed there
+    run python -m bench.profile_steps --num-prompts 128 --prompt-len 4096 --output-len 16 --kv-policy snapkv \
+        --kv-budget 512 --profile-at 4 5 --json "$OUT/batch-profile.jsonl" ;;
 host)
     # the 1B long-prompt prefill is host-bound (session 12: 35 ms of kernels in a ~59 ms step):
     # the host side of three steady steps by function (cProfile), without and with recall, and
