@@ -83,7 +83,9 @@ def moved_bytes(name: str, args: tuple, out) -> int:
     return _nbytes(out) + sum(_nbytes(x) for x in args if isinstance(x, torch.Tensor))
 
 
-class _Counter(TorchDispatchMode):
+class OpCounter(TorchDispatchMode):
+    """Non-view operators, by the innermost batchmax function that issued them (``file.py:function``)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.by_fn: collections.Counter[str] = collections.Counter()
@@ -97,6 +99,11 @@ class _Counter(TorchDispatchMode):
             self.by_fn[fn] += 1
             self.bytes_by_fn[fn] += moved_bytes(name, args, out)
         return out
+
+
+def is_eviction(fn: str) -> bool:
+    """``fn`` (as ``OpCounter`` names it) is eviction's or recall's: the evictor, the top-k, the host store, a policy."""
+    return fn.startswith(("engine/evictor.py", "engine/eviction.py", "engine/host_store.py", "policies/"))
 
 
 def _caller() -> str:
@@ -118,7 +125,7 @@ def count_step(llm: LLM, at_step: int | None) -> dict:
     while eng.has_unfinished_requests():
         evicting = any(r.num_computed_tokens > 0 and r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running)
         if (at_step is None and evicting) or done == at_step:
-            counter = _Counter()
+            counter = OpCounter()
             with counter:
                 eng.step()
             return dict(step=done, ops=sum(counter.by_fn.values()), by_function=dict(counter.by_fn.most_common()),
@@ -163,7 +170,8 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    counted = count_step(build(a, a.kv_recall), a.at_step)
+    counted_llm = build(a, a.kv_recall)
+    counted = count_step(counted_llm, a.at_step)
     if not a.bytes:
         # the same step again, uncounted: its host wall time (on the CPU the kernels run inline,
         # so with tiny widths this is almost all Python and dispatch)
@@ -182,12 +190,11 @@ def main(argv=None) -> dict:
     moved = counted["bytes_by_function"]
     for fn, n in list(counted["by_function"].items())[: a.top]:
         print(f"{n:7d}  {n / layers:7.1f}/layer  " + (f"{moved.get(fn, 0) / layers / 2**20:9.1f} MiB/layer  " if a.bytes else "") + fn)
-    ours = lambda fn: fn.startswith(("engine/evictor.py", "engine/eviction.py", "engine/host_store.py", "policies/"))  # noqa: E731
-    counted["eviction_ops"] = sum(n for fn, n in counted["by_function"].items() if ours(fn))
-    counted["layer_batch_mib"] = a.layer_batch_mib
+    counted["eviction_ops"] = sum(n for fn, n in counted["by_function"].items() if is_eviction(fn))
+    counted["layer_batch_mib"] = counted_llm.engine.config.eviction.layer_batch_mib  # the one in effect
     print(f"eviction and recall (evictor, host store, policies): {counted['eviction_ops']} operators")
     if a.bytes:
-        ev = sum(b for fn, b in moved.items() if ours(fn))
+        ev = sum(b for fn, b in moved.items() if is_eviction(fn))
         counted["eviction_bytes_per_layer"] = ev / layers
         print(f"eviction and recall (evictor, host store, policies): {ev / layers / 2**20:.1f} MiB per layer, "
               f"{ev / layers * full_depth / COPY_RATE * 1e3:.2f} ms a step of {full_depth} layers at {COPY_RATE / 1e12:.1f} TB/s")

@@ -118,10 +118,9 @@ class EvictionConfig:
     """Eviction of consecutive layers runs as one batch (one gather, score, top-k and scatter
     for all of them instead of one per layer) until the batch's gathered keys and values reach
     this many MiB (fractions allowed), and always ends at the last layer; the same tokens are
-    kept. The batch is
-    device memory beside the pool (the pool leaves room for activations). 0: each layer evicts
-    alone right after its attention. Stateful policies (h2o) and ones that are not
-    ``rows_independent`` always evict per layer."""
+    kept. The batch is device memory beside the pool (the pool leaves room for activations).
+    0: each layer evicts alone right after its attention. Stateful policies (h2o) and ones
+    that are not ``rows_independent`` always evict per layer."""
 
     def __post_init__(self) -> None:
         if self.kv_budget is not None and self.kv_budget <= 0:

@@ -340,13 +340,16 @@ class Evictor:
         if pol.stateful and cache.state is None:
             cache.ensure_state()
         pool = self._pool(layer if layers is None else None)
-        at = slots if layers is None else slots + self._layer_offsets(layers)[:, None]  # (R, T) slots in ``pool``
-        R, H = at.shape[0], cache.k.shape[2]
-        # every (slot, head) of the rows, head-major: the gathers come out (R, H_kv, T[, D])
-        # contiguous, the layout the scoring and the top-k read, instead of a transposed view
-        # that each later operator reads through strides
-        heads = self._shared(("heads", bs, tuple(lens), None if layers is None else layers.tobytes()), lambda: (
-            at[:, None, :] * H + torch.arange(H, device=dev)[None, :, None]).view(-1))  # (R * H_kv * T,)
+        R, H = len(rows), cache.k.shape[2]
+
+        def head_major():
+            # every (slot, head) of the rows, head-major: the gathers come out (R, H_kv, T[, D])
+            # contiguous, the layout the scoring and the top-k read, instead of a transposed
+            # view that each later operator reads through strides
+            at = slots if layers is None else slots + self._layer_offsets(layers)[:, None]  # (R, T) slots in ``pool``
+            return (at[:, None, :] * H + torch.arange(H, device=dev)[None, :, None]).view(-1)  # (R * H_kv * T,)
+
+        heads = self._shared(("heads", bs, tuple(lens), None if layers is None else layers.tobytes()), head_major)
 
         def gather(t: torch.Tensor) -> torch.Tensor:  # (S, H_kv[, D]) -> (R, H_kv, T[, D])
             return t.flatten(0, 1).index_select(0, heads).view(R, H, T, *t.shape[2:])
@@ -429,10 +432,11 @@ class Evictor:
 
         def places():
             rows, cols = _ragged(keep)  # (M,) row of each kept token and its place in the member's row
-            dst = meta.slots[stage(torch.from_numpy(b_of[rows]), torch.int64), stage(torch.from_numpy(cols), torch.int64)]
+            rows_t, cols_t = stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
+            dst = meta.slots[stage(torch.from_numpy(b_of[rows]), torch.int64), cols_t]
             if not single:  # into the flattened (L * S) pool
-                dst = dst + stage(torch.from_numpy(layer[rows] * self.cache.k.shape[1]), torch.int64)
-            return dst, stage(torch.from_numpy(rows), torch.int64), stage(torch.from_numpy(cols), torch.int64)
+                dst = dst + self._layer_offsets(layer).index_select(0, rows_t)
+            return dst, rows_t, cols_t
 
         key = ("front", b_of.tobytes(), keep.tobytes()) + (() if single else (layer.tobytes(),))
         dst, rows, cols = self._shared(key, places)

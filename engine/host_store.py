@@ -158,11 +158,11 @@ class HostKVStore(KVCache):
         layers = [layer] * len(items) if isinstance(layer, int) else layer
 
         def copies(non_blocking: bool) -> None:
-            for (rid, row, n), layer in zip(items, layers):
+            for (rid, row, n), lr in zip(items, layers):
                 seq = self.seqs[rid]
-                for off, s0, m in self._runs(rid, seq.lens[layer], n):
-                    self.rec[layer, s0 : s0 + m].copy_(src[row, off : off + m], non_blocking=non_blocking)
-                seq.lens[layer] += n
+                for off, s0, m in self._runs(rid, seq.lens[lr], n):
+                    self.rec[lr, s0 : s0 + m].copy_(src[row, off : off + m], non_blocking=non_blocking)
+                seq.lens[lr] += n
 
         if self.copy_stream is None:
             copies(False)

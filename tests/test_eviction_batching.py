@@ -3,14 +3,11 @@ evicting after each layer keeps: the same positions in every layer and head afte
 the same parked tokens under recall, the same output tokens; and it issues fewer operators."""
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchmax.engine import EngineConfig, LLMEngine, SamplingParams
+from bench.step_ops import OpCounter, is_eviction
 from tests.helpers import random_prompts
 
 PROMPTS = [300, 217, 90, 45]
@@ -68,24 +65,6 @@ def test_batched_layers_keep_what_each_layer_keeps(policy, recall, tiny_llama):
             assert a == b, f"step {i} differs (layer_batch_mib={mib})"
 
 
-class _Count(TorchDispatchMode):
-    """Operators issued from inside the eviction code (the evictor, the top-k, the policies)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        f = sys._getframe(1)  # noqa: SLF001
-        while f is not None:
-            path = f.f_code.co_filename.replace(os.sep, "/")
-            if path.endswith(("engine/evictor.py", "engine/eviction.py")) or "/policies/" in path:
-                self.n += 1
-                break
-            f = f.f_back
-        return func(*args, **(kwargs or {}))
-
-
 def test_batched_layers_issue_fewer_operators(tiny_llama):
     """A whole run's operators: the evicting prefill steps issue one set of eviction
     operators instead of one per layer (3 here)."""
@@ -94,11 +73,12 @@ def test_batched_layers_issue_fewer_operators(tiny_llama):
         e = _engine(tiny_llama, mib, kv_policy="snapkv")
         for i, p in enumerate(random_prompts([200, 200], seed=2)):
             e.add_request(f"r{i}", p, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-        c = _Count()
+        c = OpCounter()
         with c:
             while e.has_unfinished_requests():
                 e.step()
-        counts[mib], evicted[mib] = c.n, e.stats().kv_tokens_evicted_total
+        counts[mib] = sum(n for fn, n in c.by_fn.items() if is_eviction(fn))
+        evicted[mib] = e.stats().kv_tokens_evicted_total
     assert evicted[512] == evicted[0] > 0
     # what stays per layer: each layer's queries into the observation windows (_push_windows)
     assert counts[512] < 0.7 * counts[0], counts
